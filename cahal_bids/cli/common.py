@@ -1,0 +1,42 @@
+"""Pieces shared by every cahal-bids command line: version flag, exit codes, error reports."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cahal_bids import __version__
+
+EXIT_OK = 0
+"""Everything asked for was done."""
+EXIT_FAILURE = 1
+"""Processing failed for at least one input."""
+EXIT_USAGE = 2
+"""Bad command line, bad input dataset, or a command this version does not provide."""
+
+
+def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with the project's ``--version`` flag already added."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument('--version', action='version', version=f'{prog} {__version__}')
+    return parser
+
+
+def report_error(prog: str, message: str) -> None:
+    """Print a one-line error on stderr, prefixed with the program name."""
+    first_line = ' '.join(str(message).split())
+    print(f'{prog}: error: {first_line}', file=sys.stderr)
+
+
+def not_built_yet(prog: str, what: str) -> int:
+    """Say clearly that ``what`` is not provided by this version and return ``EXIT_USAGE``."""
+    report_error(
+        prog,
+        f'{what} is not available in cahal-bids {__version__} yet; '
+        'see the README for what this version provides',
+    )
+    return EXIT_USAGE

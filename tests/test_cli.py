@@ -1,0 +1,151 @@
+"""Console scripts: --help/--version everywhere, honest 'not yet' exits, the dry run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cahal_bids import __version__
+from cahal_bids.cli import enhance, evaluate, run, train
+
+SCRIPTS = {
+    'cahal-bids': run,
+    'cahal-enhance': enhance,
+    'cahal-train': train,
+    'cahal-eval': evaluate,
+}
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize('script', sorted(SCRIPTS))
+def test_installed_script_version_and_help(script):
+    executable = BIN / script
+    assert executable.exists(), f'{script} is not installed next to {sys.executable}'
+    version = subprocess.run(
+        [str(executable), '--version'], capture_output=True, text=True, check=False
+    )
+    assert version.returncode == 0
+    assert version.stdout.strip() == f'{script} {__version__}'
+    usage = subprocess.run(
+        [str(executable), '--help'], capture_output=True, text=True, check=False
+    )
+    assert usage.returncode == 0
+    assert usage.stdout.startswith(f'usage: {script}')
+
+
+def test_run_py_and_module_are_the_bids_app():
+    root = Path(__file__).resolve().parents[1]
+    for command in ([sys.executable, str(root / 'run.py')], [sys.executable, '-m', 'cahal_bids']):
+        result = subprocess.run(
+            [*command, '--version'], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0
+        assert result.stdout.strip() == f'cahal-bids {__version__}'
+
+
+@pytest.mark.parametrize(
+    ('module', 'argv', 'what'),
+    [
+        (run, ['/data', '/out', 'participant'], 'BIDS-App workflow'),
+        (train, ['prepare'], 'cahal-train prepare'),
+        (train, ['fit'], 'cahal-train fit'),
+        (evaluate, ['image.nii.gz'], 'evaluation protocol'),
+    ],
+)
+def test_commands_not_built_yet_exit_2_with_a_reason(module, argv, what, capsys):
+    assert module.main(argv) == 2
+    err = capsys.readouterr().err
+    assert what in err
+    assert 'not available' in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run.main(['/data'])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        enhance.main(['x.nii.gz', '--device', 'tpu'])
+    assert exc.value.code == 2
+
+
+PAPER_EXAMPLES = [
+    ((1.0, 1.0, 5.0), 'V5A1', False),
+    ((1.7, 1.7, 1.7), 'V5A3', False),
+    ((1.0, 1.0, 3.0), 'V3A2', False),
+    ((0.5, 0.5, 5.0), 'V5A1', False),
+    ((0.9, 0.9, 0.9), None, True),
+]
+
+
+@pytest.mark.parametrize(('zooms', 'cell', 'skip'), PAPER_EXAMPLES)
+def test_dry_run_reports_the_papers_examples(make_nifti, capsys, zooms, cell, skip):
+    path = make_nifti(shape=(12, 10, 8), zooms=zooms)
+    assert enhance.main([str(path), '--dry-run']) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report['cell'] == cell
+    assert report['skip'] is skip
+    assert report['input'] == str(path)
+    assert report['shape'] == [12, 10, 8]
+    assert report['voxel_sizes'] == pytest.approx(list(zooms))
+    assert report['orientation'] == 'RAS'
+    rounded = [int(np.floor(n * r + 0.5)) for n, r in zip((12, 10, 8), zooms, strict=True)]
+    expected_shape = [12, 10, 8] if skip else rounded
+    assert report['output_grid']['shape'] == expected_shape
+    affine = np.array(report['output_grid']['affine'])
+    assert affine.shape == (4, 4)
+    if not skip:
+        np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), 1.0)
+
+
+def test_dry_run_on_an_oblique_lps_image(make_nifti, capsys):
+    rotation = np.array([[0.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    theta = np.deg2rad(12)
+    tilt = np.array(
+        [[1, 0, 0], [0, np.cos(theta), -np.sin(theta)], [0, np.sin(theta), np.cos(theta)]]
+    )
+    affine = np.eye(4)
+    affine[:3, :3] = tilt @ rotation @ np.diag([0.9, 0.9, 4.0])
+    affine[:3, 3] = [10.0, -20.0, 30.0]
+    path = make_nifti(shape=(20, 18, 6), affine=affine)
+    assert enhance.main([str(path), '--dry-run']) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report['cell'] == 'V4A1'
+    out = np.array(report['output_grid']['affine'])
+    corner_in = affine @ np.array([-0.5, -0.5, -0.5, 1.0])
+    corner_out = out @ np.array([-0.5, -0.5, -0.5, 1.0])
+    np.testing.assert_allclose(corner_out, corner_in, atol=1e-5)
+    assert report['output_grid']['shape'] == [18, 16, 24]
+
+
+def test_dry_run_bad_file_is_one_line_exit_1(tmp_path, capsys):
+    bad = tmp_path / 'broken.nii.gz'
+    bad.write_bytes(b'not a nifti at all')
+    assert enhance.main([str(bad), '--dry-run']) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert 'broken.nii.gz' in err
+
+
+def test_missing_input_is_a_usage_error(tmp_path, capsys):
+    assert enhance.main([str(tmp_path / 'nope.nii.gz'), '--dry-run']) == 2
+    assert 'nope.nii.gz: input file not found' in capsys.readouterr().err
+
+
+def test_output_required_without_dry_run(make_nifti, capsys):
+    path = make_nifti()
+    assert enhance.main([str(path)]) == 2
+    assert 'OUTPUT is required' in capsys.readouterr().err
+
+
+def test_never_overwrites_its_input(make_nifti, capsys):
+    path = make_nifti()
+    before = path.read_bytes()
+    assert enhance.main([str(path), str(path)]) == 2
+    assert 'refusing to overwrite the input' in capsys.readouterr().err
+    assert path.read_bytes() == before
