@@ -145,3 +145,71 @@ def make_nifti(tmp_path: Path) -> Callable[..., Path]:
 def patch_header() -> Callable[..., Path]:
     """:func:`patch_nifti_header` as a fixture (tests cannot import conftest)."""
     return patch_nifti_header
+
+
+def write_test_zoo(
+    folder: Path,
+    *,
+    cells: Sequence[str] | None = None,
+    modality: str = 'T1w',
+    levels: int = 2,
+    initial_filters: int = 4,
+    head_scale: float = 0.05,
+    seed: int = 0,
+) -> Path:
+    """A zoo of tiny random-weight experts (non-zero heads, so they change the image)."""
+    import torch
+
+    from cahal_bids.networks import ResidualUNet3D
+    from cahal_bids.normalization import DEFAULT_NORMALIZATION
+    from cahal_bids.routing import CELLS
+    from cahal_bids.zoo import write_zoo
+
+    chosen = list(CELLS if cells is None else cells)
+    experts = {}
+    config: dict[str, Any] = {}
+    for index, cell in enumerate(chosen):
+        torch.manual_seed(seed + index)
+        network = ResidualUNet3D(levels=levels, initial_filters=initial_filters)
+        with torch.no_grad():
+            network.head.weight.normal_(0.0, head_scale)
+            network.head.bias.zero_()
+        experts[cell] = network.state_dict()
+        config = network.config()
+    return write_zoo(
+        folder,
+        name='test-zoo',
+        version='0.0.0',
+        modality=modality,
+        architecture={'name': 'ResidualUNet3D', 'config': config},
+        normalization=DEFAULT_NORMALIZATION,
+        experts=experts,
+    )
+
+
+@pytest.fixture
+def test_zoo(tmp_path: Path) -> Path:
+    """A T1w zoo of random tiny experts for every cell."""
+    return write_test_zoo(tmp_path / 'zoo')
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data'
+"""``../shared/data`` beside the repository: real scans, present on CI."""
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The shared data folder, or skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f'{SHARED_DATA} is absent')
+    return SHARED_DATA
+
+
+@pytest.fixture
+def make_zoo(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``make_zoo('name', cells=..., head_scale=...)`` writes a tiny test zoo."""
+
+    def _make(name: str = 'zoo', **options: Any) -> Path:
+        return write_test_zoo(tmp_path / name, **options)
+
+    return _make

@@ -1,0 +1,297 @@
+"""Enhance one image: route, resample to the native 1 mm grid, run one expert, write.
+
+:class:`Enhancer` opens a zoo once (like a predictor object loading a model folder)
+and then serves many images. The pipeline for one image is:
+
+validate -> canonical RAS (lossless) -> robust intensity normalisation ->
+trilinear to the native 1 mm grid -> expert (tiled, memory-aware) -> undo the
+normalisation -> back to the input's own voxel axes -> write (atomically) with a
+JSON sidecar describing every decision.
+
+Images already at 1 mm or finer along every axis are written unchanged (same
+grid, same values) and the sidecar says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cahal_bids import __version__
+from cahal_bids.errors import CahalError
+from cahal_bids.routing import Route, route
+
+if TYPE_CHECKING:
+    import torch
+
+    from cahal_bids.networks import ResidualUNet3D
+    from cahal_bids.zoo import ExpertChoice, Zoo
+
+__all__ = [
+    'EnhanceResult',
+    'Enhancer',
+    'resolve_device',
+    'sidecar_path_for',
+    'write_json_atomic',
+]
+
+
+def resolve_device(name: str = 'auto') -> torch.device:
+    """``'auto'`` picks CUDA when available, else the CPU; ``'cuda'`` without a GPU raises."""
+    import torch
+
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise CahalError('--device cuda was requested but no CUDA device is available')
+    if name not in {'cpu', 'cuda'} and not name.startswith('cuda:'):
+        raise CahalError(f'unknown device {name!r}; expected auto, cpu or cuda')
+    return torch.device(name)
+
+
+def sidecar_path_for(image_path: str | os.PathLike[str]) -> Path:
+    """``out.nii.gz`` -> ``out.json`` (the BIDS convention for sidecars)."""
+    path = Path(image_path)
+    name = path.name
+    for suffix in ('.nii.gz', '.nii'):
+        if name.endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + '.json')
+    return path.with_name(name + '.json')
+
+
+def write_json_atomic(path: str | os.PathLike[str], content: dict[str, Any]) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    target = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f'.{target.name}.', dir=target.parent)
+    try:
+        with os.fdopen(handle, 'w', encoding='utf-8') as stream:
+            json.dump(content, stream, indent=2, sort_keys=False)
+            stream.write('\n')
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open('rb') as stream:
+        for block in iter(lambda: stream.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the output."""
+    import nibabel
+    import torch
+
+    return {
+        'cahal-bids': __version__,
+        'python': platform.python_version(),
+        'torch': torch.__version__,
+        'numpy': np.__version__,
+        'nibabel': nibabel.__version__,
+    }
+
+
+@dataclass(frozen=True)
+class EnhanceResult:
+    """What :meth:`Enhancer.enhance_file` wrote."""
+
+    output_path: Path
+    sidecar_path: Path
+    sidecar: dict[str, Any]
+
+
+class Enhancer:
+    """Serve one zoo's experts to many images.
+
+    Parameters
+    ----------
+    zoo
+        An opened :class:`~cahal_bids.zoo.Zoo`.
+    device
+        A torch device (see :func:`resolve_device`).
+    tile_size
+        Cubic tile edge in voxels; ``None`` picks the largest that fits in the
+        memory available on ``device``.
+    overlap
+        Fraction of a tile shared with its neighbours.
+    progress
+        Show a progress bar on stderr for multi-tile runs.
+    """
+
+    def __init__(
+        self,
+        zoo: Zoo,
+        *,
+        device: torch.device,
+        tile_size: int | None = None,
+        overlap: float = 0.5,
+        progress: bool = False,
+    ) -> None:
+        if tile_size is not None and tile_size < 8:
+            raise ValueError(f'tile_size must be at least 8 voxels, got {tile_size}')
+        self.zoo = zoo
+        self.device = device
+        self.tile_size = tile_size
+        self.overlap = overlap
+        self.progress = progress
+        self._experts: dict[str, ResidualUNet3D] = {}
+
+    def expert(self, choice: ExpertChoice) -> ResidualUNet3D:
+        """The network for an expert choice, built and loaded once."""
+        from cahal_bids.networks import ResidualUNet3D
+
+        if choice.cell not in self._experts:
+            architecture = self.zoo.architecture
+            network = ResidualUNet3D.from_config(architecture['config'])
+            network.load_state_dict(self.zoo.load_state_dict(choice.cell))
+            network.eval().to(self.device)
+            self._experts[choice.cell] = network
+        return self._experts[choice.cell]
+
+    def _run_expert(
+        self, network: ResidualUNet3D, volume: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Run ``network`` whole when it fits, else tiled so that tiles match the whole.
+
+        Tiles use instance-norm statistics measured on the whole volume (layer by
+        layer from blocks), start on the network's pooling grid and drop a margin
+        of the network's reach at every cut face, so the tiled output equals the
+        whole-volume output to float rounding. When the requested tile is too small
+        for that margin, the margin shrinks to what the tile allows (approximate).
+        """
+        from cahal_bids.networks import estimate_norm_statistics, estimate_peak_bytes_per_voxel
+        from cahal_bids.tiling import (
+            available_memory_bytes,
+            choose_tile_size,
+            run_tiled_with_fallback,
+        )
+
+        shape = tuple(int(n) for n in volume.shape[2:])
+        multiple = network.size_multiple
+        if self.tile_size is None:
+            per_voxel = estimate_peak_bytes_per_voxel(network.config())
+            tile = choose_tile_size(
+                shape, per_voxel, available_memory_bytes(self.device), multiple=max(8, multiple)
+            )
+        else:
+            tile = (self.tile_size,) * 3
+        if all(t >= n for t, n in zip(tile, shape, strict=True)):
+            return network(volume), shape  # type: ignore[return-value]
+        margin = min(network.receptive_field_radius, (min(tile) - multiple) // 2)
+        statistics = estimate_norm_statistics(network, volume, block_size=tile)
+        with network.frozen_norm_statistics(statistics):
+            return run_tiled_with_fallback(
+                volume,
+                network,
+                tile_size=tile,
+                overlap=self.overlap,
+                progress=self.progress,
+                min_size=max(8, multiple),
+                multiple=max(8, multiple),
+                alignment=multiple,
+                margin=max(margin, 0),
+            )
+
+    def restore(
+        self, data: np.ndarray, affine: np.ndarray, decision: Route
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Restore one validated array; returns (1 mm data, its affine, run details)."""
+        import torch
+
+        from cahal_bids.grid import native_grid, resample_to_native_grid
+        from cahal_bids.normalization import RobustScale
+        from cahal_bids.orientation import Reorientation
+
+        if decision.cell is None:
+            raise ValueError('restore() needs a routed (not skipped) image')
+        choice = self.zoo.choose(decision.cell)
+        network = self.expert(choice)
+        grid = native_grid(data.shape, affine)
+        reorientation = Reorientation.from_affine(affine, data.shape)
+        ras = reorientation.to_ras(np.ascontiguousarray(data, dtype=np.float32))
+        scaler = RobustScale.from_config(self.zoo.normalization, ras)
+        ras_sizes = reorientation.sizes_to_ras(decision.voxel_sizes)
+        ras_out_shape = reorientation.sizes_to_ras(grid.shape)
+        with torch.inference_mode():
+            low = torch.from_numpy(np.ascontiguousarray(scaler.normalize(ras)))
+            low = low.to(self.device, torch.float32)
+            upsampled = resample_to_native_grid(
+                low, ras_sizes, ras_out_shape, flipped=reorientation.flipped_in_ras
+            )
+            restored, tile_used = self._run_expert(network, upsampled[None, None])
+            restored_ras = restored[0, 0].to('cpu', torch.float32).numpy()
+        output = reorientation.from_ras(scaler.denormalize(restored_ras)).astype(np.float32)
+        details = {
+            'expert': {
+                'requested_cell': choice.requested_cell,
+                'cell': choice.cell,
+                'substituted': choice.substituted,
+                'file': choice.file,
+                'sha256': choice.sha256,
+            },
+            'normalization': scaler.as_dict(),
+            'tile_size': list(tile_used),
+            'tiled': tile_used != tuple(restored_ras.shape),
+        }
+        return np.ascontiguousarray(output), grid.affine, details
+
+    def enhance_file(
+        self, input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]
+    ) -> EnhanceResult:
+        """Enhance one NIfTI file and write the result and its JSON sidecar."""
+        from cahal_bids.nifti import load_image, save_image
+
+        started = time.perf_counter()
+        source = Path(input_path)
+        target = Path(output_path)
+        if target.exists() and source.exists() and target.resolve() == source.resolve():
+            raise CahalError(f'{target}: refusing to overwrite the input image')
+        image = load_image(source)
+        decision = route(image.voxel_sizes)
+        sidecar: dict[str, Any] = {
+            'input': str(source),
+            'input_sha256': _sha256(source),
+            'shape': list(image.shape),
+            'voxel_sizes': list(image.voxel_sizes),
+            'routed_voxel_sizes': list(decision.routed_sizes),
+            'V': decision.volume,
+            'A': decision.anisotropy,
+            'cell': decision.cell,
+            'skipped': decision.skip,
+            'zoo': {
+                'name': self.zoo.name,
+                'version': self.zoo.version,
+                'modality': self.zoo.modality,
+                'path': str(self.zoo.path),
+            },
+            'device': str(self.device),
+            'warnings': list(image.warnings),
+        }
+        if decision.skip:
+            output, affine = image.data, image.affine
+            sidecar.update(expert=None, tile_size=None)
+        else:
+            output, affine, details = self.restore(image.data, image.affine, decision)
+            sidecar.update(details)
+        sidecar['output_shape'] = list(output.shape)
+        sidecar['output_affine'] = np.asarray(affine).tolist()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_image(output, affine, target, header_like=image.header)
+        sidecar['seconds'] = round(time.perf_counter() - started, 3)
+        sidecar['software'] = software_versions()
+        sidecar_file = sidecar_path_for(target)
+        write_json_atomic(sidecar_file, sidecar)
+        return EnhanceResult(output_path=target, sidecar_path=sidecar_file, sidecar=sidecar)

@@ -1,0 +1,353 @@
+"""Training experts: the optimisation loop, exact checkpoints, and the grid curriculum.
+
+:func:`fit` trains one network on a :class:`~cahal_bids.pairs.PairStream` with Adam,
+reduce-on-plateau and early stopping, both driven by a smoothed training loss (the
+stream is endless, so the training loss is an honest proxy). It writes a CSV loss
+log and checkpoints every few minutes; a run interrupted at any moment resumes from
+its last checkpoint with the same model, optimiser, scheduler and random state.
+
+Checkpoints never use pickle: tensors (model, optimiser moments, torch RNG) go to a
+safetensors file, everything else to JSON that records the tensor file's sha256.
+
+The curriculum (:func:`parent_cell`, :func:`curriculum_order`) starts from V1A3 and
+passes weights along volume at fixed near-isotropic anisotropy, and from
+near-isotropic to strongly anisotropic cells at fixed volume.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cahal_bids.acquisition import sample_in_cell
+from cahal_bids.routing import CELLS, cell_name
+
+__all__ = [
+    'AnyCellSampler',
+    'FitResult',
+    'TrainingSchedule',
+    'curriculum_order',
+    'fit',
+    'parent_cell',
+]
+
+CHECKPOINT_TENSORS = 'checkpoint.safetensors'
+CHECKPOINT_STATE = 'checkpoint.json'
+LOSS_LOG = 'loss.csv'
+
+
+def parent_cell(cell: str) -> str | None:
+    """The cell whose expert initialises ``cell`` in the curriculum (None for V1A3).
+
+    >>> [parent_cell(c) for c in ('V1A3', 'V2A3', 'V2A2', 'V3A1', 'V7A1')]
+    [None, 'V1A3', 'V2A3', 'V3A2', 'V7A2']
+    """
+    if cell not in CELLS:
+        raise ValueError(f'unknown cell {cell!r}')
+    volume, anisotropy = int(cell[1]), int(cell[3])
+    if anisotropy < 3 and cell_name(volume, anisotropy + 1) in CELLS:
+        return cell_name(volume, anisotropy + 1)
+    if volume > 1:
+        return cell_name(volume - 1, anisotropy)
+    return None
+
+
+def curriculum_order(cells: tuple[str, ...] | list[str] = CELLS) -> list[str]:
+    """``cells`` ordered so that every cell comes after its curriculum parent."""
+    wanted = set(cells)
+    unknown = wanted - set(CELLS)
+    if unknown:
+        raise ValueError(f'unknown cells {sorted(unknown)}')
+
+    def depth(cell: str) -> int:
+        steps, current = 0, parent_cell(cell)
+        while current is not None:
+            steps, current = steps + 1, parent_cell(current)
+        return steps
+
+    return sorted(wanted, key=lambda cell: (depth(cell), CELLS.index(cell)))
+
+
+@dataclass(frozen=True)
+class AnyCellSampler:
+    """Draw a cell uniformly among ``cells``, then a triplet uniformly inside it."""
+
+    cells: tuple[str, ...] = CELLS
+
+    def __call__(self, rng: np.random.Generator) -> tuple[float, float, float]:
+        cell = self.cells[int(rng.integers(len(self.cells)))]
+        return sample_in_cell(cell, rng)
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """Optimisation settings of one :func:`fit` run."""
+
+    max_steps: int = 1000
+    learning_rate: float = 1e-3
+    evaluate_every: int = 25
+    """Steps between two looks at the smoothed loss (plateau and early stopping)."""
+    plateau_patience: int = 6
+    """Looks without improvement before the learning rate is halved."""
+    early_stop_patience: int = 16
+    """Looks without improvement before training stops."""
+    min_learning_rate: float = 1e-6
+    smoothing: float = 0.98
+    """Exponential moving average factor of the logged training loss."""
+    checkpoint_every_s: float = 300.0
+    time_budget_s: float | None = None
+    gradient_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f'max_steps must be >= 1, got {self.max_steps}')
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f'learning_rate must be > 0, got {self.learning_rate}')
+        if self.evaluate_every < 1:
+            raise ValueError(f'evaluate_every must be >= 1, got {self.evaluate_every}')
+        if not 0 <= self.smoothing < 1:
+            raise ValueError(f'smoothing must be in [0, 1), got {self.smoothing}')
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """How a :func:`fit` run ended."""
+
+    steps: int
+    seconds: float
+    smoothed_loss: float
+    stopped_early: bool
+    run_dir: Path
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
+    try:
+        with os.fdopen(handle, 'wb') as stream:
+            stream.write(payload)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _save_checkpoint(
+    run_dir: Path,
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
+    state: dict[str, Any],
+) -> None:
+    from safetensors.torch import save as save_safetensors
+
+    tensors: dict[str, torch.Tensor] = {
+        f'model.{key}': value.detach().cpu().contiguous()
+        for key, value in network.state_dict().items()
+    }
+    optimizer_state = optimizer.state_dict()
+    for index, slots in optimizer_state['state'].items():
+        for name, value in slots.items():
+            tensors[f'optim.{index}.{name}'] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors['rng.torch'] = torch.get_rng_state()
+    payload = save_safetensors(tensors)
+    _atomic_write(run_dir / CHECKPOINT_TENSORS, payload)
+    document = {
+        **state,
+        'tensors_sha256': hashlib.sha256(payload).hexdigest(),
+        'param_groups': optimizer_state['param_groups'],
+        'scheduler': scheduler.state_dict(),
+    }
+    _atomic_write(run_dir / CHECKPOINT_STATE, json.dumps(document, indent=1).encode())
+
+
+def _load_checkpoint(
+    run_dir: Path,
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
+) -> dict[str, Any] | None:
+    from safetensors.torch import load as load_safetensors
+
+    state_path = run_dir / CHECKPOINT_STATE
+    if not state_path.exists():
+        return None
+    document = json.loads(state_path.read_text())
+    payload = (run_dir / CHECKPOINT_TENSORS).read_bytes()
+    if hashlib.sha256(payload).hexdigest() != document['tensors_sha256']:
+        raise RuntimeError(f'{run_dir}: checkpoint tensors do not match their sha256')
+    tensors = load_safetensors(payload)
+    network.load_state_dict(
+        {key[len('model.') :]: value for key, value in tensors.items() if key.startswith('model.')}
+    )
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith('optim.'):
+            _, index, name = key.split('.', 2)
+            slots.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({'state': slots, 'param_groups': document['param_groups']})
+    scheduler.load_state_dict(document['scheduler'])
+    torch.set_rng_state(tensors['rng.torch'])
+    return document
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint we resume from."""
+    if not log_path.exists():
+        return
+    with log_path.open(newline='') as stream:
+        rows = list(csv.reader(stream))
+    if not rows:
+        return
+    kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= step]
+    with log_path.open('w', newline='') as stream:
+        csv.writer(stream).writerows(kept)
+
+
+def fit(
+    network: nn.Module,
+    stream: Any,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Mapping[str, float]]],
+    *,
+    run_dir: str | os.PathLike[str],
+    schedule: TrainingSchedule,
+    device: torch.device | str = 'cpu',
+    mixed_precision: bool = False,
+    progress: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+) -> FitResult:
+    """Train ``network`` on batches from ``stream``, resuming from ``run_dir`` if possible.
+
+    ``stream`` yields objects with ``inputs`` and ``targets`` tensors and has
+    ``state()``/``set_state()`` for its random generator. ``loss_fn(pred, target)``
+    returns the total loss and a mapping of named terms to log. With
+    ``mixed_precision`` (CUDA only) the network runs under bfloat16 autocast; the
+    loss function is responsible for keeping its Fourier term in float32.
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    network.to(device).train()
+    optimizer = torch.optim.Adam(network.parameters(), lr=schedule.learning_rate)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer,
+        mode='min',
+        factor=0.5,
+        patience=schedule.plateau_patience,
+        min_lr=schedule.min_learning_rate,
+    )
+    state = _load_checkpoint(folder, network, optimizer, scheduler)
+    if state is None:
+        state = {
+            'step': 0,
+            'seconds': 0.0,
+            'smoothed_loss': None,
+            'best_loss': None,
+            'looks_without_improvement': 0,
+            'stopped_early': False,
+            'metadata': dict(metadata or {}),
+        }
+    else:
+        stream.set_state(state['stream'])
+    log_path = folder / LOSS_LOG
+    _truncate_log(log_path, state['step'])
+    new_log = not log_path.exists()
+    use_autocast = mixed_precision and device.type == 'cuda'
+
+    started = time.monotonic() - state['seconds']
+    last_checkpoint = time.monotonic()
+    bar = tqdm(
+        total=schedule.max_steps,
+        initial=state['step'],
+        disable=not progress,
+        desc=str(metadata.get('name', 'fit')) if metadata else 'fit',
+        dynamic_ncols=True,
+    )
+
+    def checkpoint() -> None:
+        state['seconds'] = time.monotonic() - started
+        state['stream'] = stream.state()
+        _save_checkpoint(folder, network, optimizer, scheduler, state)
+
+    with log_path.open('a', newline='') as log_stream:
+        writer = csv.writer(log_stream)
+        header_written = not new_log
+        while state['step'] < schedule.max_steps and not state['stopped_early']:
+            if schedule.time_budget_s is not None and (
+                time.monotonic() - started >= schedule.time_budget_s
+            ):
+                break
+            batch = next(stream)
+            inputs = batch.inputs.to(device, non_blocking=True)
+            targets = batch.targets.to(device, non_blocking=True)
+            with torch.autocast(
+                device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast
+            ):
+                prediction = network(inputs)
+            total, terms = loss_fn(prediction.float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if schedule.gradient_clip is not None:
+                nn.utils.clip_grad_norm_(network.parameters(), schedule.gradient_clip)
+            optimizer.step()
+            state['step'] += 1
+            value = float(total.detach())
+            previous = state['smoothed_loss']
+            state['smoothed_loss'] = (
+                value
+                if previous is None
+                else schedule.smoothing * previous + (1 - schedule.smoothing) * value
+            )
+            if not header_written:
+                writer.writerow(['step', 'seconds', 'loss', 'smoothed_loss', 'lr', *terms])
+                header_written = True
+            writer.writerow(
+                [
+                    state['step'],
+                    f'{time.monotonic() - started:.2f}',
+                    f'{value:.6g}',
+                    f'{state["smoothed_loss"]:.6g}',
+                    f'{optimizer.param_groups[0]["lr"]:.3g}',
+                    *(f'{float(v):.6g}' for v in terms.values()),
+                ]
+            )
+            if state['step'] % schedule.evaluate_every == 0:
+                smoothed = state['smoothed_loss']
+                scheduler.step(smoothed)
+                if state['best_loss'] is None or smoothed < state['best_loss'] * (1 - 1e-3):
+                    state['best_loss'] = smoothed
+                    state['looks_without_improvement'] = 0
+                else:
+                    state['looks_without_improvement'] += 1
+                    if state['looks_without_improvement'] >= schedule.early_stop_patience:
+                        state['stopped_early'] = True
+                log_stream.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f'{state["smoothed_loss"]:.4f}', refresh=False)
+            if time.monotonic() - last_checkpoint >= schedule.checkpoint_every_s:
+                log_stream.flush()
+                checkpoint()
+                last_checkpoint = time.monotonic()
+    bar.close()
+    checkpoint()
+    return FitResult(
+        steps=state['step'],
+        seconds=state['seconds'],
+        smoothed_loss=float(state['smoothed_loss'] or math.nan),
+        stopped_early=bool(state['stopped_early']),
+        run_dir=folder,
+    )

@@ -1,0 +1,232 @@
+"""Train a whole expert zoo: generalist start, curriculum across the grid, manifest out.
+
+:func:`train_zoo` is what ``cahal-train fit`` runs. Each expert trains in its own
+run folder under ``work_dir`` (checkpoints, loss log), so an interrupted zoo run
+resumes where it stopped: finished experts are not trained again, the expert in
+progress resumes from its last checkpoint.
+
+Initialisation follows the curriculum: a generalist trained on pairs from every
+cell (or, for a fine-tuned zoo such as FLAIR from T1w, the matching expert of
+``init_zoo``) starts V1A3, and every other cell starts from its curriculum parent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cahal_bids import __version__
+from cahal_bids.acquisition import CellSampler
+from cahal_bids.networks import ResidualUNet3D, count_parameters
+from cahal_bids.normalization import DEFAULT_NORMALIZATION
+from cahal_bids.pairs import IntensityAugmentation, PairStream, TrainingVolume
+from cahal_bids.routing import CELLS
+from cahal_bids.training import (
+    AnyCellSampler,
+    FitResult,
+    TrainingSchedule,
+    curriculum_order,
+    fit,
+    parent_cell,
+)
+from cahal_bids.zoo import Zoo, write_zoo
+
+__all__ = ['ZooTrainingConfig', 'train_zoo']
+
+LOGGER = logging.getLogger('cahal_bids.zoo_training')
+
+
+@dataclass(frozen=True)
+class ZooTrainingConfig:
+    """Everything that shapes a trained zoo (recorded in its manifest)."""
+
+    modality: str = 'T1w'
+    levels: int = 4
+    initial_filters: int = 16
+    patch_size: int = 64
+    batch_size: int = 2
+    generalist_steps: int = 2000
+    steps_per_expert: int = 400
+    learning_rate: float = 1e-3
+    fine_tune_learning_rate: float = 3e-4
+    fft_weight: float = 2e-6
+    seg_weight: float = 0.1
+    seed: int = 0
+    cells: tuple[str, ...] = CELLS
+    time_budget_per_expert_s: float | None = None
+
+    def architecture(self) -> dict[str, Any]:
+        return {
+            'name': 'ResidualUNet3D',
+            'config': ResidualUNet3D(
+                levels=self.levels, initial_filters=self.initial_filters
+            ).config(),
+        }
+
+
+def _state_of(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu().clone() for key, value in network.state_dict().items()}
+
+
+def _fit_one(
+    *,
+    name: str,
+    network: ResidualUNet3D,
+    volumes: Sequence[TrainingVolume],
+    sampler: Any,
+    loss_fn: Any,
+    config: ZooTrainingConfig,
+    steps: int,
+    learning_rate: float,
+    seed: int,
+    work_dir: Path,
+    device: torch.device,
+    progress: bool,
+) -> FitResult:
+    stream = PairStream(
+        volumes,
+        sampler,
+        patch_size=config.patch_size,
+        batch_size=config.batch_size,
+        augmentation=IntensityAugmentation(),
+        seed=seed,
+    )
+    schedule = TrainingSchedule(
+        max_steps=steps,
+        learning_rate=learning_rate,
+        time_budget_s=config.time_budget_per_expert_s,
+    )
+    return fit(
+        network,
+        stream,
+        loss_fn,
+        run_dir=work_dir / name,
+        schedule=schedule,
+        device=device,
+        mixed_precision=device.type == 'cuda',
+        progress=progress,
+        metadata={'name': name},
+    )
+
+
+def train_zoo(
+    volumes: Sequence[TrainingVolume],
+    *,
+    out_dir: str | Path,
+    work_dir: str | Path,
+    config: ZooTrainingConfig,
+    loss_fn: Any,
+    device: torch.device,
+    init_zoo: Zoo | None = None,
+    name: str | None = None,
+    version: str = __version__,
+    data_sources: Sequence[Mapping[str, Any]] = (),
+    progress: bool = True,
+    extra_manifest: Mapping[str, Any] | None = None,
+) -> Path:
+    """Train every cell of ``config.cells`` in curriculum order and write the zoo."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / 'config.json').write_text(json.dumps(asdict(config), indent=2) + '\n')
+    trained: dict[str, dict[str, torch.Tensor]] = {}
+    provenance: dict[str, dict[str, Any]] = {}
+    started = time.monotonic()
+
+    def fresh() -> ResidualUNet3D:
+        torch.manual_seed(config.seed)
+        return ResidualUNet3D(levels=config.levels, initial_filters=config.initial_filters)
+
+    generalist: dict[str, torch.Tensor] | None = None
+    if init_zoo is None:
+        network = fresh()
+        result = _fit_one(
+            name='generalist',
+            network=network,
+            volumes=volumes,
+            sampler=AnyCellSampler(tuple(config.cells)),
+            loss_fn=loss_fn,
+            config=config,
+            steps=config.generalist_steps,
+            learning_rate=config.learning_rate,
+            seed=config.seed,
+            work_dir=work,
+            device=device,
+            progress=progress,
+        )
+        generalist = _state_of(network)
+        LOGGER.info('generalist: %d steps, loss %.4f', result.steps, result.smoothed_loss)
+
+    for index, cell in enumerate(curriculum_order(list(config.cells))):
+        parent = parent_cell(cell)
+        network = fresh()
+        if parent is not None and parent in trained:
+            network.load_state_dict(trained[parent])
+            initialised_from = f'expert {parent} (curriculum parent)'
+        elif init_zoo is not None:
+            choice = init_zoo.choose(cell)
+            network.load_state_dict(init_zoo.load_state_dict(choice.cell))
+            initialised_from = f'{init_zoo.name} {init_zoo.version} expert {choice.cell}'
+        else:
+            assert generalist is not None
+            network.load_state_dict(generalist)
+            initialised_from = 'generalist trained on every cell'
+        result = _fit_one(
+            name=cell,
+            network=network,
+            volumes=volumes,
+            sampler=CellSampler(cell),
+            loss_fn=loss_fn,
+            config=config,
+            steps=config.steps_per_expert,
+            learning_rate=config.fine_tune_learning_rate,
+            seed=config.seed + 1 + index,
+            work_dir=work,
+            device=device,
+            progress=progress,
+        )
+        trained[cell] = _state_of(network)
+        provenance[cell] = {
+            'initialised_from': initialised_from,
+            'steps': result.steps,
+            'seconds': round(result.seconds, 1),
+            'smoothed_training_loss': result.smoothed_loss,
+            'stopped_early': result.stopped_early,
+            'seed': config.seed + 1 + index,
+        }
+        LOGGER.info('%s: %d steps, loss %.4f', cell, result.steps, result.smoothed_loss)
+
+    architecture = config.architecture()
+    parameters = count_parameters(ResidualUNet3D.from_config(architecture['config']))
+    return write_zoo(
+        out_dir,
+        name=name or f'cahal-{config.modality.lower()}',
+        version=version,
+        modality=config.modality,
+        architecture=architecture,
+        normalization=DEFAULT_NORMALIZATION,
+        experts=trained,
+        provenance=provenance,
+        storage_dtype='float16',
+        extra={
+            'training': {
+                **asdict(config),
+                'parameters_per_expert': parameters,
+                'wall_seconds': round(time.monotonic() - started, 1),
+                'device': str(device),
+                'hardware': platform.processor() or platform.machine(),
+                'torch_threads': torch.get_num_threads(),
+                'init_zoo': None if init_zoo is None else f'{init_zoo.name} {init_zoo.version}',
+                'data': list(data_sources),
+                'software': {'cahal-bids': __version__, 'torch': torch.__version__},
+            },
+            **dict(extra_manifest or {}),
+        },
+    )
