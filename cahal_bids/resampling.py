@@ -100,14 +100,25 @@ def box_weights(
     return overlap / covered
 
 
+def _is_identity(matrix: np.ndarray | torch.Tensor) -> bool:
+    rows, columns = matrix.shape
+    if rows != columns:
+        return False
+    if isinstance(matrix, np.ndarray):
+        return bool(np.array_equal(matrix, np.eye(rows, dtype=matrix.dtype)))
+    import torch
+
+    return bool(torch.equal(matrix, torch.eye(rows, dtype=matrix.dtype, device=matrix.device)))
+
+
 def apply_separable(
     volume: torch.Tensor,
     matrices: Sequence[np.ndarray | torch.Tensor | None],
 ) -> torch.Tensor:
     """Apply one matrix per spatial axis to the last three axes of ``volume``.
 
-    ``matrices[i]`` has shape ``(n_out_i, n_in_i)``; ``None`` leaves that axis as it
-    is. Leading axes (batch, channel) are carried along, so a batch of patches on
+    ``matrices[i]`` has shape ``(n_out_i, n_in_i)``; ``None`` or an identity matrix
+    leaves that axis as it is (without the cost of a product). Leading axes (batch, channel) are carried along, so a batch of patches on
     a GPU is resampled in one call. Computation runs in ``volume``'s dtype and
     device.
     """
@@ -119,7 +130,7 @@ def apply_separable(
         raise ValueError(f'expected 3 matrices (one per spatial axis), got {len(matrices)}')
     out = volume
     for axis, matrix in enumerate(matrices):
-        if matrix is None:
+        if matrix is None or _is_identity(matrix):
             continue
         weights = torch.as_tensor(matrix, dtype=volume.dtype, device=volume.device)
         dim = out.ndim - 3 + axis

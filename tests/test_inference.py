@@ -44,8 +44,6 @@ def _world_ramp(shape, affine):
     )
 
 
-
-
 def test_output_grid_and_world_alignment(tmp_path, make_nifti, make_zoo):
     """With identity experts the output is the trilinear input: a world ramp stays a ramp."""
     shape, zooms = (20, 18, 9), (0.9, 0.9, 4.0)
@@ -221,3 +219,29 @@ def test_real_clinical_flairs_line_up(tmp_path, shared_data, make_zoo):
         sampled = map_coordinates(data, position.T, order=1, mode='nearest')
         reference = inp[index[:, 0], index[:, 1], index[:, 2]]
         assert np.corrcoef(sampled, reference)[0, 1] > 0.97, source.name
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_degraded_high_resolution_lines_up_with_its_ground_truth(tmp_path, shared_data, make_zoo):
+    """A real 1 mm scan, degraded to 1 x 1 x 5 mm: the output lands on the truth's own grid."""
+    from cahal_bids.degradation import degrade
+    from cahal_bids.demo import low_resolution_affine
+    from cahal_bids.nifti import load_image, save_image
+
+    truth = load_image(shared_data / 'hr' / 'sub-stroke01' / 'anat' / 'sub-stroke01_T1w.nii.gz')
+    resolution = (1.0, 5.0, 1.0)
+    _, low = degrade(torch.from_numpy(truth.data), resolution, return_low_resolution=True)
+    source = save_image(
+        low.numpy(), low_resolution_affine(truth.affine, resolution), tmp_path / 'lr.nii.gz'
+    )
+    zoo = Zoo.open(make_zoo('identity', head_scale=0.0))
+    result = Enhancer(zoo, device=torch.device('cpu')).enhance_file(source, tmp_path / 'sr.nii.gz')
+    assert result.sidecar['cell'] == 'V5A1'
+    out = nib.load(result.output_path)
+    np.testing.assert_allclose(out.affine, truth.affine, atol=1e-3)
+    n = truth.shape
+    assert all(o >= t for o, t in zip(out.shape, n, strict=True))
+    restored = np.asarray(out.dataobj)[: n[0], : n[1], : n[2]]
+    mask = truth.data > 0.1 * truth.data.max()
+    assert np.corrcoef(restored[mask], truth.data[mask])[0, 1] > 0.95
