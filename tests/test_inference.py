@@ -243,5 +243,8 @@ def test_degraded_high_resolution_lines_up_with_its_ground_truth(tmp_path, share
     n = truth.shape
     assert all(o >= t for o, t in zip(out.shape, n, strict=True))
     restored = np.asarray(out.dataobj)[: n[0], : n[1], : n[2]]
+    # an identity expert returns its input: exactly the physics model's trilinear image
+    expected = degrade(torch.from_numpy(truth.data), resolution).numpy()
+    np.testing.assert_allclose(restored, expected, atol=1e-4 * float(truth.data.max()))
     mask = truth.data > 0.1 * truth.data.max()
-    assert np.corrcoef(restored[mask], truth.data[mask])[0, 1] > 0.95
+    assert np.corrcoef(restored[mask], truth.data[mask])[0, 1] > 0.9
