@@ -25,7 +25,7 @@ $(VENV)/bin/python:
 $(STAMP): $(VENV)/bin/python setup.cfg pyproject.toml
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -c 'import torch' 2>/dev/null || $(VPY) -m pip install --quiet '$(TORCH_SPEC)'
-	$(VPY) -m pip install --quiet -e '.[test,demo,dev]'
+	$(VPY) -m pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -108,7 +108,8 @@ def _is_identity(matrix: np.ndarray | torch.Tensor) -> bool:
         return bool(np.array_equal(matrix, np.eye(rows, dtype=matrix.dtype)))
     import torch
 
-    return bool(torch.equal(matrix, torch.eye(rows, dtype=matrix.dtype, device=matrix.device)))
+    identity = torch.eye(rows, dtype=matrix.dtype, device=matrix.device)
+    return bool(torch.equal(matrix, identity))
 
 
 def apply_separable(
@@ -118,9 +119,9 @@ def apply_separable(
     """Apply one matrix per spatial axis to the last three axes of ``volume``.
 
     ``matrices[i]`` has shape ``(n_out_i, n_in_i)``; ``None`` or an identity matrix
-    leaves that axis as it is (without the cost of a product). Leading axes (batch, channel) are carried along, so a batch of patches on
-    a GPU is resampled in one call. Computation runs in ``volume``'s dtype and
-    device.
+    leaves that axis as it is (without the cost of a product). Leading axes (batch,
+    channel) are carried along, so a batch of patches on a GPU is resampled in one call.
+    Computation runs in ``volume``'s dtype and device.
     """
     import torch
 

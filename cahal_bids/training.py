@@ -98,14 +98,14 @@ class TrainingSchedule:
 
     max_steps: int = 1000
     learning_rate: float = 1e-3
-    evaluate_every: int = 25
+    evaluate_every: int = 50
     """Steps between two looks at the smoothed loss (plateau and early stopping)."""
-    plateau_patience: int = 6
+    plateau_patience: int = 8
     """Looks without improvement before the learning rate is halved."""
-    early_stop_patience: int = 16
+    early_stop_patience: int = 20
     """Looks without improvement before training stops."""
     min_learning_rate: float = 1e-6
-    smoothing: float = 0.98
+    smoothing: float = 0.99
     """Exponential moving average factor of the logged training loss."""
     checkpoint_every_s: float = 300.0
     time_budget_s: float | None = None
@@ -251,6 +251,9 @@ def fit(
         min_lr=schedule.min_learning_rate,
     )
     state = _load_checkpoint(folder, network, optimizer, scheduler)
+    # the schedule in force is the caller's; a checkpoint only brings back the counters
+    scheduler.patience = schedule.plateau_patience
+    scheduler.min_lrs = [schedule.min_learning_rate] * len(optimizer.param_groups)
     if state is None:
         state = {
             'step': 0,

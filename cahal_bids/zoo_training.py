@@ -62,6 +62,7 @@ class ZooTrainingConfig:
     seed: int = 0
     cells: tuple[str, ...] = CELLS
     time_budget_per_expert_s: float | None = None
+    generalist_time_budget_s: float | None = None
 
     def architecture(self) -> dict[str, Any]:
         return {
@@ -90,6 +91,7 @@ def _fit_one(
     work_dir: Path,
     device: torch.device,
     progress: bool,
+    time_budget_s: float | None,
 ) -> FitResult:
     stream = PairStream(
         volumes,
@@ -102,7 +104,7 @@ def _fit_one(
     schedule = TrainingSchedule(
         max_steps=steps,
         learning_rate=learning_rate,
-        time_budget_s=config.time_budget_per_expert_s,
+        time_budget_s=time_budget_s,
     )
     return fit(
         network,
@@ -160,6 +162,7 @@ def train_zoo(
             work_dir=work,
             device=device,
             progress=progress,
+            time_budget_s=config.generalist_time_budget_s,
         )
         generalist = _state_of(network)
         LOGGER.info('generalist: %d steps, loss %.4f', result.steps, result.smoothed_loss)
@@ -191,6 +194,7 @@ def train_zoo(
             work_dir=work,
             device=device,
             progress=progress,
+            time_budget_s=config.time_budget_per_expert_s,
         )
         trained[cell] = _state_of(network)
         provenance[cell] = {

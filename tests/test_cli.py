@@ -52,9 +52,6 @@ def test_run_py_and_module_are_the_bids_app():
     ('module', 'argv', 'what'),
     [
         (run, ['/data', '/out', 'participant'], 'BIDS-App workflow'),
-        (train, ['prepare'], 'cahal-train prepare'),
-        (train, ['fit'], 'cahal-train fit'),
-        (evaluate, ['image.nii.gz'], 'evaluation protocol'),
     ],
 )
 def test_commands_not_built_yet_exit_2_with_a_reason(module, argv, what, capsys):

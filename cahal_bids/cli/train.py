@@ -1,22 +1,226 @@
-"""``cahal-train``: prepare ground truth and train expert zoos."""
+"""``cahal-train``: prepare ground truth, train the tissue segmenter, train expert zoos.
+
+Subcommands:
+
+* ``prepare``: denoise, resample to 1 mm, label and cache high-resolution images;
+* ``segmenter``: train the frozen tissue segmenter used by the semantic loss;
+* ``fit``: train a zoo of 18 experts along the curriculum (resumable).
+"""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
-from cahal_bids.cli.common import EXIT_USAGE, make_parser, not_built_yet
+from cahal_bids.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, make_parser, report_error
 
 PROG = 'cahal-train'
 
 
-def build_parser():
-    parser = make_parser(PROG, 'Prepare ground truth and train CAHAL expert zoos.')
-    commands = parser.add_subparsers(dest='command', metavar='COMMAND')
-    commands.add_parser(
-        'prepare', help='denoise, resample and label high-resolution images (not built yet)'
+def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        '--cache-dir',
+        '--cache_dir',
+        type=Path,
+        required=True,
+        help='folder written by `cahal-train prepare`',
     )
-    commands.add_parser('fit', help='train the experts of a zoo (not built yet)')
+    parser.add_argument('--out', type=Path, required=True, help='zoo folder to write')
+    parser.add_argument(
+        '-w',
+        '--work-dir',
+        '--work_dir',
+        type=Path,
+        required=True,
+        help='run folders (checkpoints, loss logs); rerun to resume',
+    )
+    parser.add_argument('--modality', choices=('T1w', 'FLAIR'), default='T1w')
+    parser.add_argument(
+        '--init-zoo',
+        '--init_zoo',
+        type=Path,
+        help='start every expert from this zoo (e.g. FLAIR from T1w)',
+    )
+    parser.add_argument(
+        '--segmenter', type=Path, help='frozen tissue segmenter folder for the semantic loss'
+    )
+    parser.add_argument('--levels', type=int, default=4)
+    parser.add_argument('--filters', type=int, default=16, help='initial filters')
+    parser.add_argument('--patch-size', '--patch_size', type=int, default=64)
+    parser.add_argument('--batch-size', '--batch_size', type=int, default=2)
+    parser.add_argument('--generalist-steps', '--generalist_steps', type=int, default=2000)
+    parser.add_argument('--steps-per-expert', '--steps_per_expert', type=int, default=400)
+    parser.add_argument('--lr', type=float, default=1e-3)
+    parser.add_argument('--fine-tune-lr', '--fine_tune_lr', type=float, default=3e-4)
+    parser.add_argument(
+        '--fft-weight',
+        '--fft_weight',
+        type=float,
+        default=2e-6,
+        help='weight of the Fourier term (0 disables it)',
+    )
+    parser.add_argument(
+        '--seg-weight',
+        '--seg_weight',
+        type=float,
+        default=0.1,
+        help='weight of the semantic Dice term (0 disables it)',
+    )
+    parser.add_argument('--cells', nargs='+', default=None, help='cells to train (default all)')
+    parser.add_argument(
+        '--time-budget-per-expert',
+        '--time_budget_per_expert',
+        type=float,
+        default=None,
+        help='seconds; an expert stops training after this',
+    )
+    parser.add_argument(
+        '--generalist-time-budget',
+        '--generalist_time_budget',
+        type=float,
+        default=None,
+        help='seconds; the generalist stops training after this',
+    )
+    parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
+    parser.add_argument('--threads', type=int, default=None)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--quiet', '-q', action='store_true')
+
+
+def _add_segmenter_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--cache-dir', '--cache_dir', type=Path, required=True)
+    parser.add_argument('--out', type=Path, required=True, help='segmenter folder to write')
+    parser.add_argument('--modality', choices=('T1w', 'FLAIR'), default='T1w')
+    parser.add_argument('--steps', type=int, default=1500)
+    parser.add_argument('--patch-size', '--patch_size', type=int, default=64)
+    parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
+    parser.add_argument('--threads', type=int, default=None)
+    parser.add_argument('--seed', type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cahal_bids.cli.train_prepare import add_prepare_arguments
+
+    parser = make_parser(PROG, __doc__.split('\n\n', 1)[0])
+    commands = parser.add_subparsers(dest='command', metavar='COMMAND')
+    add_prepare_arguments(
+        commands.add_parser('prepare', help='denoise, resample and label high-resolution images')
+    )
+    _add_segmenter_arguments(
+        commands.add_parser('segmenter', help='train the frozen tissue segmenter')
+    )
+    _add_fit_arguments(commands.add_parser('fit', help='train the experts of a zoo'))
     return parser
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    from cahal_bids.cli.enhance import default_threads
+
+    torch.set_num_threads(threads or default_threads())
+    # Tiny gradients of a zero-initialised head turn into denormal floats, which
+    # slow CPU arithmetic by an order of magnitude; flush them to zero.
+    torch.set_flush_denormal(True)
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    import logging
+
+    from cahal_bids.errors import CahalError
+    from cahal_bids.inference import resolve_device
+    from cahal_bids.losses import CahalLoss
+    from cahal_bids.prepared import load_training_volumes
+    from cahal_bids.routing import CELLS
+    from cahal_bids.segmenter import load_segmenter
+    from cahal_bids.zoo import Zoo
+    from cahal_bids.zoo_training import ZooTrainingConfig, train_zoo
+
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+    _set_threads(args.threads)
+    try:
+        device = resolve_device(args.device)
+        volumes, sources = load_training_volumes(args.cache_dir, modality=args.modality)
+        init_zoo = Zoo.open(args.init_zoo) if args.init_zoo else None
+        segmenter = load_segmenter(args.segmenter, device=device) if args.segmenter else None
+    except CahalError as error:
+        report_error(PROG, str(error))
+        return EXIT_USAGE
+    cells = tuple(args.cells) if args.cells else CELLS
+    unknown = sorted(set(cells) - set(CELLS))
+    if unknown:
+        report_error(PROG, f'unknown cells {unknown}; feasible cells are {" ".join(CELLS)}')
+        return EXIT_USAGE
+    config = ZooTrainingConfig(
+        modality=args.modality,
+        levels=args.levels,
+        initial_filters=args.filters,
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        generalist_steps=args.generalist_steps,
+        steps_per_expert=args.steps_per_expert,
+        learning_rate=args.lr,
+        fine_tune_learning_rate=args.fine_tune_lr,
+        fft_weight=args.fft_weight,
+        seg_weight=args.seg_weight if segmenter is not None else 0.0,
+        seed=args.seed,
+        cells=cells,
+        time_budget_per_expert_s=args.time_budget_per_expert,
+        generalist_time_budget_s=args.generalist_time_budget,
+    )
+    loss = CahalLoss(
+        fft_weight=args.fft_weight,
+        segmenter=segmenter,
+        seg_weight=config.seg_weight,
+    ).to(device)
+    path = train_zoo(
+        volumes,
+        out_dir=args.out,
+        work_dir=args.work_dir,
+        config=config,
+        loss_fn=loss,
+        device=device,
+        init_zoo=init_zoo,
+        data_sources=sources,
+        progress=not args.quiet,
+    )
+    print(f'{PROG}: zoo written to {path}')
+    return EXIT_OK
+
+
+def _run_segmenter(args: argparse.Namespace) -> int:
+    import logging
+
+    from cahal_bids.errors import CahalError
+    from cahal_bids.inference import resolve_device
+    from cahal_bids.prepared import load_labelled_volumes
+    from cahal_bids.segmenter import save_segmenter, train_segmenter
+
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+    _set_threads(args.threads)
+    try:
+        device = resolve_device(args.device)
+        pairs, sources = load_labelled_volumes(args.cache_dir, modality=args.modality)
+    except CahalError as error:
+        report_error(PROG, str(error))
+        return EXIT_USAGE
+    model = train_segmenter(
+        pairs,
+        steps=args.steps,
+        patch_size=args.patch_size,
+        seed=args.seed,
+        device=str(device),
+        modality=args.modality,
+    )
+    save_segmenter(
+        model,
+        args.out,
+        modality=args.modality,
+        provenance={'steps': args.steps, 'seed': args.seed, 'data': list(sources)},
+    )
+    print(f'{PROG}: segmenter written to {args.out}')
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,4 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_usage()
         return EXIT_USAGE
-    return not_built_yet(PROG, f'`{PROG} {args.command}`')
+    if args.command == 'prepare':
+        from cahal_bids.cli.train_prepare import run_prepare
+
+        return run_prepare(args)
+    if args.command == 'segmenter':
+        return _run_segmenter(args)
+    if args.command == 'fit':
+        return _run_fit(args)
+    return EXIT_FAILURE  # pragma: no cover
