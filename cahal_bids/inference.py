@@ -36,7 +36,10 @@ if TYPE_CHECKING:
     from cahal_bids.networks import ResidualUNet3D
     from cahal_bids.zoo import ExpertChoice, Zoo
 
+PRECISIONS = ('fp32', 'bf16')
+
 __all__ = [
+    'PRECISIONS',
     'EnhanceResult',
     'Enhancer',
     'resolve_device',
@@ -129,6 +132,10 @@ class Enhancer:
         Fraction of a tile shared with its neighbours.
     progress
         Show a progress bar on stderr for multi-tile runs.
+    precision
+        ``'fp32'`` (default) or ``'bf16'``: run the expert's convolutions under
+        bfloat16 autocast (about twice as fast on recent CPUs); the global residual
+        addition and the normalisation stay in float32.
     """
 
     def __init__(
@@ -139,9 +146,13 @@ class Enhancer:
         tile_size: int | None = None,
         overlap: float = 0.5,
         progress: bool = False,
+        precision: str = 'fp32',
     ) -> None:
         if tile_size is not None and tile_size < 8:
             raise ValueError(f'tile_size must be at least 8 voxels, got {tile_size}')
+        if precision not in PRECISIONS:
+            raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}')
+        self.precision = precision
         self.zoo = zoo
         self.device = device
         self.tile_size = tile_size
@@ -231,7 +242,12 @@ class Enhancer:
             upsampled = resample_to_native_grid(
                 low, ras_sizes, ras_out_shape, flipped=reorientation.flipped_in_ras
             )
-            restored, tile_used = self._run_expert(network, upsampled[None, None])
+            with torch.autocast(
+                device_type=self.device.type,
+                dtype=torch.bfloat16,
+                enabled=self.precision == 'bf16',
+            ):
+                restored, tile_used = self._run_expert(network, upsampled[None, None])
             restored_ras = restored[0, 0].to('cpu', torch.float32).numpy()
         output = reorientation.from_ras(scaler.denormalize(restored_ras)).astype(np.float32)
         details = {
@@ -244,6 +260,7 @@ class Enhancer:
             },
             'normalization': scaler.as_dict(),
             'tile_size': list(tile_used),
+            'precision': self.precision,
             'tiled': tile_used != tuple(restored_ras.shape),
         }
         return np.ascontiguousarray(output), grid.affine, details

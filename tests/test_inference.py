@@ -248,3 +248,19 @@ def test_degraded_high_resolution_lines_up_with_its_ground_truth(tmp_path, share
     np.testing.assert_allclose(restored, expected, atol=1e-4 * float(truth.data.max()))
     mask = truth.data > 0.1 * truth.data.max()
     assert np.corrcoef(restored[mask], truth.data[mask])[0, 1] > 0.9
+
+
+def test_bf16_stays_close_to_fp32(tmp_path, make_nifti, make_zoo):
+    zoo = Zoo.open(make_zoo('bf16', cells=['V4A1'], head_scale=0.3))
+    rng = np.random.default_rng(1)
+    source = make_nifti(data=rng.random((24, 20, 6)).astype(np.float32) * 100, zooms=(1, 1, 4))
+    full = Enhancer(zoo, device=torch.device('cpu')).enhance_file(source, tmp_path / 'a.nii.gz')
+    half = Enhancer(zoo, device=torch.device('cpu'), precision='bf16').enhance_file(
+        source, tmp_path / 'b.nii.gz'
+    )
+    assert half.sidecar['precision'] == 'bf16'
+    a = np.asarray(nib.load(full.output_path).dataobj)
+    b = np.asarray(nib.load(half.output_path).dataobj)
+    assert np.abs(a - b).max() <= 0.02 * (a.max() - a.min())
+    with pytest.raises(ValueError, match='precision'):
+        Enhancer(zoo, device=torch.device('cpu'), precision='fp8')
