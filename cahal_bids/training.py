@@ -266,6 +266,7 @@ def fit(
         }
     else:
         stream.set_state(state['stream'])
+        state['stopped_early'] = state['looks_without_improvement'] >= schedule.early_stop_patience
     log_path = folder / LOSS_LOG
     _truncate_log(log_path, state['step'])
     new_log = not log_path.exists()

@@ -63,6 +63,9 @@ class ZooTrainingConfig:
     cells: tuple[str, ...] = CELLS
     time_budget_per_expert_s: float | None = None
     generalist_time_budget_s: float | None = None
+    evaluate_every: int = 50
+    plateau_patience: int = 8
+    early_stop_patience: int = 20
 
     def architecture(self) -> dict[str, Any]:
         return {
@@ -105,6 +108,9 @@ def _fit_one(
         max_steps=steps,
         learning_rate=learning_rate,
         time_budget_s=time_budget_s,
+        evaluate_every=config.evaluate_every,
+        plateau_patience=config.plateau_patience,
+        early_stop_patience=config.early_stop_patience,
     )
     return fit(
         network,

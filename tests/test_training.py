@@ -152,3 +152,23 @@ def test_schedule_validation():
         TrainingSchedule(max_steps=0)
     with pytest.raises(ValueError, match='learning_rate'):
         TrainingSchedule(learning_rate=-1)
+
+
+def test_resume_with_more_patience_continues_after_an_early_stop(tmp_path):
+    def run(patience, max_steps):
+        torch.manual_seed(0)
+        network = ResidualUNet3D(levels=2, initial_filters=4)
+        stream = PairStream([_phantom()], CellSampler('V4A1'), patch_size=12, seed=3)
+        schedule = TrainingSchedule(
+            max_steps=max_steps,
+            learning_rate=1e-9,  # no progress: the early stop triggers at once
+            evaluate_every=1,
+            early_stop_patience=patience,
+        )
+        return fit(network, stream, _l1, run_dir=tmp_path, schedule=schedule, progress=False)
+
+    stopped = run(patience=2, max_steps=50)
+    assert stopped.stopped_early and stopped.steps < 50
+    resumed = run(patience=1000, max_steps=stopped.steps + 3)
+    assert not resumed.stopped_early
+    assert resumed.steps == stopped.steps + 3

@@ -168,6 +168,9 @@ def _run_fit(args: argparse.Namespace) -> int:
         cells=cells,
         time_budget_per_expert_s=args.time_budget_per_expert,
         generalist_time_budget_s=args.generalist_time_budget,
+        evaluate_every=args.evaluate_every,
+        plateau_patience=args.plateau_patience,
+        early_stop_patience=args.early_stop_patience,
     )
     loss = CahalLoss(
         fft_weight=args.fft_weight,
