@@ -4,7 +4,8 @@
 reduce-on-plateau and early stopping, both driven by a smoothed training loss (the
 stream is endless, so the training loss is an honest proxy). It writes a CSV loss
 log and checkpoints every few minutes; a run interrupted at any moment resumes from
-its last checkpoint with the same model, optimiser, scheduler and random state.
+its last checkpoint with the same model, optimiser, scheduler and random state;
+SIGINT or SIGTERM stops it cleanly at the next step with a final checkpoint.
 
 Checkpoints never use pickle: tensors (model, optimiser moments, torch RNG) go to a
 safetensors file, everything else to JSON that records the tensor file's sha256.
@@ -19,11 +20,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,7 @@ __all__ = [
     'parent_cell',
 ]
 
+LOGGER = logging.getLogger('cahal_bids.training')
 CHECKPOINT_TENSORS = 'checkpoint.safetensors'
 CHECKPOINT_STATE = 'checkpoint.json'
 LOSS_LOG = 'loss.csv'
@@ -216,6 +222,23 @@ def _truncate_log(log_path: Path, step: int) -> None:
         csv.writer(stream).writerows(kept)
 
 
+@contextmanager
+def _stop_requests() -> Iterator[Callable[[], bool]]:
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary (main thread only)."""
+    requested: list[int] = []
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(
+                number, lambda signum, frame: requested.append(signum)
+            )
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def fit(
     network: nn.Module,
     stream: Any,
@@ -287,13 +310,18 @@ def fit(
         state['stream'] = stream.state()
         _save_checkpoint(folder, network, optimizer, scheduler, state)
 
-    with log_path.open('a', newline='') as log_stream:
+    with _stop_requests() as stop_requested, log_path.open('a', newline='') as log_stream:
         writer = csv.writer(log_stream)
         header_written = not new_log
         while state['step'] < schedule.max_steps and not state['stopped_early']:
             if schedule.time_budget_s is not None and (
                 time.monotonic() - started >= schedule.time_budget_s
             ):
+                break
+            if stop_requested():
+                LOGGER.warning(
+                    '%s: stop requested, checkpointing at step %d', folder, state['step']
+                )
                 break
             batch = next(stream)
             inputs = batch.inputs.to(device, non_blocking=True)

@@ -172,3 +172,50 @@ def test_resume_with_more_patience_continues_after_an_early_stop(tmp_path):
     resumed = run(patience=1000, max_steps=stopped.steps + 3)
     assert not resumed.stopped_early
     assert resumed.steps == stopped.steps + 3
+
+
+STOPPABLE_RUN = """
+import sys, numpy as np, torch
+torch.set_num_threads(1)
+from cahal_bids.acquisition import CellSampler
+from cahal_bids.networks import ResidualUNet3D
+from cahal_bids.pairs import PairStream, TrainingVolume
+from cahal_bids.training import TrainingSchedule, fit
+image = np.random.default_rng(0).random((24, 24, 24)).astype(np.float32)
+volume = TrainingVolume(image=image, head_mask=image > 0.2, name='noise')
+stream = PairStream([volume], CellSampler('V4A1'), patch_size=8, margin=6, seed=0)
+def l1(p, t):
+    loss = (p - t).abs().mean()
+    return loss, {}
+result = fit(ResidualUNet3D(levels=2, initial_filters=2), stream, l1, run_dir=sys.argv[1],
+             schedule=TrainingSchedule(max_steps=10**6, evaluate_every=1), progress=False)
+print('stopped at', result.steps)
+"""
+
+
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, '-c', STOPPABLE_RUN, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = tmp_path / 'loss.csv'
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) > 3:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    steps = int(stdout.split()[-1])
+    assert steps >= 3
+    state = json.loads((tmp_path / 'checkpoint.json').read_text())
+    assert state['step'] == steps

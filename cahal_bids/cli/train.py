@@ -82,6 +82,27 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help='seconds; the generalist stops training after this',
     )
+    parser.add_argument(
+        '--evaluate-every',
+        '--evaluate_every',
+        type=int,
+        default=50,
+        help='steps between looks at the smoothed training loss',
+    )
+    parser.add_argument(
+        '--plateau-patience',
+        '--plateau_patience',
+        type=int,
+        default=8,
+        help='looks without improvement before the learning rate halves',
+    )
+    parser.add_argument(
+        '--early-stop-patience',
+        '--early_stop_patience',
+        type=int,
+        default=20,
+        help='looks without improvement before an expert stops',
+    )
     parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
     parser.add_argument('--threads', type=int, default=None)
     parser.add_argument('--seed', type=int, default=0)
