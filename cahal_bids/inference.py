@@ -15,10 +15,8 @@ grid, same values) and the sidecar says so.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cahal_bids import __version__
+from cahal_bids.atomic import write_json_atomic
 from cahal_bids.errors import CahalError
 from cahal_bids.routing import Route, route
 
@@ -69,20 +68,6 @@ def sidecar_path_for(image_path: str | os.PathLike[str]) -> Path:
         if name.endswith(suffix):
             return path.with_name(name[: -len(suffix)] + '.json')
     return path.with_name(name + '.json')
-
-
-def write_json_atomic(path: str | os.PathLike[str], content: dict[str, Any]) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    target = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f'.{target.name}.', dir=target.parent)
-    try:
-        with os.fdopen(handle, 'w', encoding='utf-8') as stream:
-            json.dump(content, stream, indent=2, sort_keys=False)
-            stream.write('\n')
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _sha256(path: Path) -> str:

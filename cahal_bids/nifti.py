@@ -28,8 +28,6 @@ x.nii: neither qform nor sform is set (both codes 0): orientation unknown, using
 
 from __future__ import annotations
 
-import os
-import secrets
 import zlib
 from dataclasses import dataclass
 from os import PathLike
@@ -42,6 +40,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import Opener
 from nibabel.spatialimages import HeaderDataError, ImageDataError
 
+from cahal_bids.atomic import atomic_path
 from cahal_bids.errors import InvalidImageError
 
 if TYPE_CHECKING:
@@ -410,12 +409,6 @@ def save_image(
     image.set_sform(matrix, code=sform_code)
     image.header.set_xyzt_units(xyz='mm')
 
-    suffix = '.nii.gz' if file.name.lower().endswith('.gz') else '.nii'
-    temporary = file.with_name(f'.{file.name}.{secrets.token_hex(6)}.tmp{suffix}')
-    try:
+    with atomic_path(file) as temporary:
         nib.save(image, temporary)
-        os.replace(temporary, file)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     return file

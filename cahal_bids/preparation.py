@@ -92,7 +92,6 @@ import math
 import os
 import platform
 import re
-import secrets
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -106,6 +105,7 @@ import numpy as np
 from scipy import ndimage
 
 from cahal_bids import __version__
+from cahal_bids.atomic import write_json_atomic
 from cahal_bids.errors import CahalError, InvalidImageError
 from cahal_bids.grid import NativeGrid, native_grid
 from cahal_bids.nifti import NIFTI_SUFFIXES, load_header, load_image, save_image
@@ -860,13 +860,7 @@ def _read_metadata(folder: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, content: Mapping[str, Any]) -> None:
-    temporary = path.with_name(f'.{path.name}.{secrets.token_hex(6)}.tmp')
-    try:
-        temporary.write_text(json.dumps(content, indent=2) + '\n', encoding='utf-8')
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, content)
 
 
 def _cached(folder: Path, sha256: str, parameters: Mapping[str, Any]) -> PreparedVolume | None:

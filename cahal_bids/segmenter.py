@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cahal_bids.atomic import write_bytes_atomic
 from cahal_bids.losses import freeze, soft_dice
 from cahal_bids.zoo import ZooError, file_sha256
 
@@ -270,17 +270,6 @@ class TissueSegmenter(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-    try:
-        with os.fdopen(handle, 'wb') as stream:
-            stream.write(payload)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _json_object(name: str, value: Mapping[str, Any] | None) -> dict[str, Any]:
     if value is None:
         return {}
@@ -339,7 +328,7 @@ def save_segmenter(
         for key, value in model.state_dict().items()
     }
     payload = save_safetensors(state, metadata={'kind': SEGMENTER_KIND, 'modality': modality})
-    _atomic_write_bytes(root / SEGMENTER_WEIGHTS, payload)
+    write_bytes_atomic(root / SEGMENTER_WEIGHTS, payload)
     manifest = {
         'format_version': SEGMENTER_FORMAT_VERSION,
         'kind': SEGMENTER_KIND,
@@ -353,7 +342,7 @@ def save_segmenter(
         'validation': validation_entry,
     }
     text = json.dumps(manifest, indent=2, allow_nan=False) + '\n'
-    _atomic_write_bytes(root / SEGMENTER_MANIFEST, text.encode('utf-8'))
+    write_bytes_atomic(root / SEGMENTER_MANIFEST, text.encode('utf-8'))
     return root
 
 

@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from cahal_bids.acquisition import sample_in_cell
+from cahal_bids.atomic import write_bytes_atomic
 from cahal_bids.routing import CELLS, cell_name
 
 __all__ = [
@@ -139,17 +139,6 @@ class FitResult:
     run_dir: Path
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-    try:
-        with os.fdopen(handle, 'wb') as stream:
-            stream.write(payload)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _save_checkpoint(
     run_dir: Path,
     network: nn.Module,
@@ -169,14 +158,14 @@ def _save_checkpoint(
             tensors[f'optim.{index}.{name}'] = torch.as_tensor(value).detach().cpu().contiguous()
     tensors['rng.torch'] = torch.get_rng_state()
     payload = save_safetensors(tensors)
-    _atomic_write(run_dir / CHECKPOINT_TENSORS, payload)
+    write_bytes_atomic(run_dir / CHECKPOINT_TENSORS, payload)
     document = {
         **state,
         'tensors_sha256': hashlib.sha256(payload).hexdigest(),
         'param_groups': optimizer_state['param_groups'],
         'scheduler': scheduler.state_dict(),
     }
-    _atomic_write(run_dir / CHECKPOINT_STATE, json.dumps(document, indent=1).encode())
+    write_bytes_atomic(run_dir / CHECKPOINT_STATE, json.dumps(document, indent=1).encode())
 
 
 def _load_checkpoint(

@@ -21,13 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cahal_bids.atomic import write_bytes_atomic
 from cahal_bids.errors import CahalError
 from cahal_bids.routing import ANISOTROPY_BINS, CELLS, VOLUME_BINS
 
@@ -256,17 +256,6 @@ def default_zoo_path(modality: str) -> Path:
     return path
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-    try:
-        with os.fdopen(handle, 'wb') as stream:
-            stream.write(payload)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_zoo(
     folder: str | os.PathLike[str],
     *,
@@ -309,7 +298,7 @@ def write_zoo(
         }
         payload = save_safetensors(state, metadata={'cell': cell, 'modality': modality})
         file_name = f'{cell}.safetensors'
-        _atomic_write_bytes(root / file_name, payload)
+        write_bytes_atomic(root / file_name, payload)
         entries[cell] = {
             'file': file_name,
             'sha256': hashlib.sha256(payload).hexdigest(),
@@ -329,7 +318,7 @@ def write_zoo(
         'experts': entries,
         **dict(extra or {}),
     }
-    _atomic_write_bytes(
+    write_bytes_atomic(
         root / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=False) + '\n').encode()
     )
     return root
