@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -146,13 +145,13 @@ def train_zoo(
     (work / 'config.json').write_text(json.dumps(asdict(config), indent=2) + '\n')
     trained: dict[str, dict[str, torch.Tensor]] = {}
     provenance: dict[str, dict[str, Any]] = {}
-    started = time.monotonic()
 
     def fresh() -> ResidualUNet3D:
         torch.manual_seed(config.seed)
         return ResidualUNet3D(levels=config.levels, initial_filters=config.initial_filters)
 
     generalist: dict[str, torch.Tensor] | None = None
+    generalist_seconds = 0.0
     if init_zoo is None:
         network = fresh()
         result = _fit_one(
@@ -171,6 +170,7 @@ def train_zoo(
             time_budget_s=config.generalist_time_budget_s,
         )
         generalist = _state_of(network)
+        generalist_seconds = result.seconds
         LOGGER.info('generalist: %d steps, loss %.4f', result.steps, result.smoothed_loss)
 
     for index, cell in enumerate(curriculum_order(list(config.cells))):
@@ -229,7 +229,9 @@ def train_zoo(
             'training': {
                 **asdict(config),
                 'parameters_per_expert': parameters,
-                'wall_seconds': round(time.monotonic() - started, 1),
+                'training_seconds': round(
+                    generalist_seconds + sum(entry['seconds'] for entry in provenance.values()), 1
+                ),
                 'device': str(device),
                 'hardware': platform.processor() or platform.machine(),
                 'torch_threads': torch.get_num_threads(),
