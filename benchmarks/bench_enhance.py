@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--levels', type=int, default=4)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--device', default='cpu')
+    parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32')
     parser.add_argument('--zoo', type=Path, help='a real zoo instead of random weights')
     args = parser.parse_args(argv)
 
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             str(args.threads),
             '--device',
             args.device,
+            '--precision',
+            args.precision,
             '--quiet',
         ]
         enhance_s, enhance_gib, _ = _run(enhance)
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     print('| run | seconds | peak RSS (GiB) |')
     print('| --- | ---: | ---: |')
     print(
-        f'| cahal-enhance end to end (F={args.filters}, {args.levels} levels) '
+        f'| cahal-enhance end to end (F={args.filters}, {args.levels} levels, {args.precision}) '
         f'| {enhance_s:.1f} | {enhance_gib:.2f} |'
     )
     print(f'| SynthSR-sized U-Net forward only | {forward_s:.1f} | {peak_synth_gib:.2f} |')
