@@ -146,3 +146,12 @@ def test_never_overwrites_its_input(make_nifti, capsys):
     assert enhance.main([str(path), str(path)]) == 2
     assert 'refusing to overwrite the input' in capsys.readouterr().err
     assert path.read_bytes() == before
+
+
+def test_enhance_leaves_floating_point_state_alone(make_nifti, make_zoo, tmp_path):
+    """In-process calls must not switch on flush-to-zero (it breaks other code's floats)."""
+    source = make_nifti(shape=(12, 10, 5), zooms=(1.0, 1.0, 4.0))
+    zoo = make_zoo('zoo', cells=['V4A1'])
+    assert enhance.main([str(source), str(tmp_path / 'o.nii.gz'), '--zoo', str(zoo), '-q']) == 0
+    assert np.nextafter(np.float32(0), np.float32(1)) * np.float32(1) > 0
+    assert float(np.float64(5e-324) * 1.0) > 0

@@ -174,7 +174,6 @@ def _enhance(args) -> int:
     from cahal_bids.zoo import Zoo, ZooError, default_zoo_path
 
     torch.set_num_threads(args.threads or default_threads())
-    torch.set_flush_denormal(True)
     try:
         device = resolve_device(args.device)
         zoo = Zoo.open(args.zoo if args.zoo is not None else default_zoo_path(args.modality))
