@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from cahal_bids.degradation import degrade
-    from cahal_bids.demo import low_resolution_affine
+    from cahal_bids.grid import low_resolution_affine
     from cahal_bids.networks import ResidualUNet3D
     from cahal_bids.nifti import save_image
     from cahal_bids.normalization import DEFAULT_NORMALIZATION

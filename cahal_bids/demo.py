@@ -21,24 +21,13 @@ DEMO_RESOLUTION = (1.0, 1.0, 4.0)
 TEMPLATE_LABEL = 'MNI152NLin2009aSym'
 
 
-def low_resolution_affine(affine: np.ndarray, resolution: Sequence[float]) -> np.ndarray:
-    """Affine of a coarser grid that shares the field-of-view corner of ``affine``'s grid."""
-    affine = np.asarray(affine, dtype=np.float64)
-    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
-    corner = affine[:3, :3] @ np.full(3, -0.5) + affine[:3, 3]
-    spacing = np.asarray(resolution, dtype=np.float64)
-    result = np.eye(4)
-    result[:3, :3] = directions * spacing
-    result[:3, 3] = corner + directions @ (0.5 * spacing)
-    return result
-
-
 def make_demo_image(path: Path, resolution: Sequence[float] = DEMO_RESOLUTION) -> Path:
     """Write a thick-slice T1w made from nilearn's template with the physics model."""
     import torch
     from nilearn.datasets import load_mni152_template
 
     from cahal_bids.degradation import degrade
+    from cahal_bids.grid import low_resolution_affine
     from cahal_bids.nifti import save_image
 
     template = load_mni152_template(resolution=1)

@@ -62,16 +62,12 @@ def acquire(
     import torch
 
     from cahal_bids.degradation import degrade
+    from cahal_bids.grid import low_resolution_affine
 
     _, low = degrade(
         torch.from_numpy(np.ascontiguousarray(truth)), resolution, return_low_resolution=True
     )
-    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
-    corner = affine[:3, :3] @ np.full(3, -0.5) + affine[:3, 3]
-    spacing = np.asarray(resolution, dtype=np.float64)
-    low_affine = np.eye(4)
-    low_affine[:3, :3] = directions * spacing
-    low_affine[:3, 3] = corner + directions @ (0.5 * spacing)
+    low_affine = low_resolution_affine(affine, resolution)
     return low.numpy(), low_affine
 
 

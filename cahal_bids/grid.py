@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    'low_resolution_affine',
     'ROUNDING_TOLERANCE',
     'NativeGrid',
     'axis_operator',
@@ -218,3 +219,23 @@ def resample_image_to_native_grid(
     )
     out = source.from_ras(ras)  # the grid keeps the voxel axes, so the same reorientation
     return (out.numpy() if is_numpy else out), grid
+
+
+def low_resolution_affine(affine: npt.ArrayLike, resolution: Sequence[float]) -> np.ndarray:
+    """Affine of a coarser grid (``resolution`` mm) sharing the field-of-view corner of ``affine``.
+
+    The inverse relation of :func:`native_grid`: a 1 mm grid acquired at ``resolution``
+    (with no slice offset) has this affine, with the same direction cosines and the same
+    outer corner of voxel 0.
+
+    >>> low_resolution_affine(np.eye(4), (1.0, 1.0, 4.0))[:3, 3].tolist()
+    [0.0, 0.0, 1.5]
+    """
+    matrix = np.asarray(affine, dtype=np.float64)
+    directions = matrix[:3, :3] / np.linalg.norm(matrix[:3, :3], axis=0)
+    corner = matrix[:3, :3] @ np.full(3, -0.5) + matrix[:3, 3]
+    spacing = np.asarray(resolution, dtype=np.float64)
+    result = np.eye(4)
+    result[:3, :3] = directions * spacing
+    result[:3, 3] = corner + directions @ (0.5 * spacing)
+    return result

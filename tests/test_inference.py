@@ -226,7 +226,7 @@ def test_real_clinical_flairs_line_up(tmp_path, shared_data, make_zoo):
 def test_degraded_high_resolution_lines_up_with_its_ground_truth(tmp_path, shared_data, make_zoo):
     """A real 1 mm scan, degraded to 1 x 1 x 5 mm: the output lands on the truth's own grid."""
     from cahal_bids.degradation import degrade
-    from cahal_bids.demo import low_resolution_affine
+    from cahal_bids.grid import low_resolution_affine
     from cahal_bids.nifti import load_image, save_image
 
     truth = load_image(shared_data / 'hr' / 'sub-stroke01' / 'anat' / 'sub-stroke01_T1w.nii.gz')
