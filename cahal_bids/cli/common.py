@@ -26,6 +26,17 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    """``argparse`` type for options that take a count (threads, tile size, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
+    return value
+
+
 def report_error(prog: str, message: str) -> None:
     """Print a one-line error on stderr, prefixed with the program name."""
     first_line = ' '.join(str(message).split())

@@ -18,23 +18,12 @@ from cahal_bids.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     make_parser,
+    positive_int,
     report_error,
 )
 
 PROG = 'cahal-enhance'
 MODALITIES = ('T1w', 'FLAIR')
-
-
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
-    return value
 
 
 def default_threads() -> int:
@@ -76,14 +65,14 @@ def build_parser():
     )
     parser.add_argument(
         '--threads',
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help='CPU threads (default: the cores this process may use)',
     )
     parser.add_argument(
         '--tile-size',
         '--tile_size',
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help='cubic tile edge in voxels (default: the largest that fits in free memory)',
     )

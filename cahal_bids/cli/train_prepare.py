@@ -16,22 +16,12 @@ import os
 import sys
 from pathlib import Path
 
-from cahal_bids.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, report_error
+from cahal_bids.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, positive_int, report_error
 
 PROG = 'cahal-train prepare'
 MODALITIES = ('T1w', 'FLAIR', 'T2w')
 VALIDATION_SUBJECTS = ('stroke01',)
 """Excluded unless ``--exclude-participant`` says otherwise: never train on them."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
-    return value
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -74,7 +64,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument(
         '--shrink-factor',
         '--shrink_factor',
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="denoiser's internal downsampling; 2 is ~3x faster, 1 full quality "
         '(default: %(default)s)',
@@ -91,7 +81,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     parser.add_argument(
         '--threads',
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help='ITK threads for ANTs; 1 makes the results bit-reproducible '
         '(default: ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS or all cores)',
