@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from cahal_bids.atomic import write_bytes_atomic
 from cahal_bids.losses import freeze, soft_dice
-from cahal_bids.zoo import ZooError, file_sha256
+from cahal_bids.zoo import ZooError, file_sha256, read_manifest
 
 __all__ = [
     'DEFAULT_CLASS_NAMES',
@@ -348,23 +348,10 @@ def save_segmenter(
 
 def read_segmenter_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """The checked manifest of a segmenter folder (weights not read)."""
-    root = Path(folder)
-    path = root / SEGMENTER_MANIFEST
-    if not root.is_dir():
-        raise SegmenterError(f'{root}: segmenter folder not found')
-    try:
-        manifest = json.loads(path.read_text(encoding='utf-8'))
-    except FileNotFoundError:
-        raise SegmenterError(f'{path}: segmenter manifest not found') from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SegmenterError(f'{path}: unreadable segmenter manifest ({error})') from None
-    if not isinstance(manifest, dict):
-        raise SegmenterError(f'{path}: the manifest must be a JSON object')
-    if manifest.get('format_version') != SEGMENTER_FORMAT_VERSION:
-        raise SegmenterError(
-            f'{path}: unsupported segmenter format_version {manifest.get("format_version")!r} '
-            f'(this version reads {SEGMENTER_FORMAT_VERSION})'
-        )
+    path = Path(folder) / SEGMENTER_MANIFEST
+    manifest = read_manifest(
+        path, what='segmenter', format_version=SEGMENTER_FORMAT_VERSION, error=SegmenterError
+    )
     if manifest.get('kind') != SEGMENTER_KIND:
         raise SegmenterError(
             f'{path}: not a tissue segmenter manifest (kind {manifest.get("kind")!r})'

@@ -44,6 +44,7 @@ __all__ = [
     'file_sha256',
     'grid_definition',
     'nearest_trained_cell',
+    'read_manifest',
     'write_zoo',
 ]
 
@@ -135,6 +136,32 @@ def _safe_member(root: Path, name: object, manifest: Path) -> Path:
     return root / candidate
 
 
+def read_manifest(
+    path: Path, *, what: str, format_version: int, error: type[CahalError]
+) -> dict[str, Any]:
+    """Read a JSON manifest of a weights folder and check its object type and format version.
+
+    ``what`` names the folder kind in messages ('zoo', 'segmenter'); every problem
+    raises ``error`` naming the file.
+    """
+    if not path.parent.is_dir():
+        raise error(f'{path.parent}: {what} folder not found')
+    try:
+        manifest = json.loads(path.read_text(encoding='utf-8'))
+    except FileNotFoundError:
+        raise error(f'{path}: {what} manifest not found') from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as problem:
+        raise error(f'{path}: unreadable {what} manifest ({problem})') from None
+    if not isinstance(manifest, dict):
+        raise error(f'{path}: the manifest must be a JSON object')
+    if manifest.get('format_version') != format_version:
+        raise error(
+            f'{path}: unsupported {what} format_version '
+            f'{manifest.get("format_version")!r} (this version reads {format_version})'
+        )
+    return manifest
+
+
 @dataclass(frozen=True)
 class Zoo:
     """An opened, verified zoo folder. Use :meth:`Zoo.open`."""
@@ -148,21 +175,9 @@ class Zoo:
         """Read and check a zoo's manifest, and (by default) every expert's sha256."""
         root = Path(path)
         manifest_path = root / MANIFEST_NAME
-        if not root.is_dir():
-            raise ZooError(f'{root}: zoo folder not found')
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding='utf-8'))
-        except FileNotFoundError:
-            raise ZooError(f'{manifest_path}: zoo manifest not found') from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ZooError(f'{manifest_path}: unreadable zoo manifest ({error})') from None
-        if not isinstance(manifest, dict):
-            raise ZooError(f'{manifest_path}: the manifest must be a JSON object')
-        if manifest.get('format_version') != ZOO_FORMAT_VERSION:
-            raise ZooError(
-                f'{manifest_path}: unsupported zoo format_version '
-                f'{manifest.get("format_version")!r} (this version reads {ZOO_FORMAT_VERSION})'
-            )
+        manifest = read_manifest(
+            manifest_path, what='zoo', format_version=ZOO_FORMAT_VERSION, error=ZooError
+        )
         for key in ('name', 'version', 'modality', 'architecture', 'normalization', 'experts'):
             if key not in manifest:
                 raise ZooError(f'{manifest_path}: missing manifest field {key!r}')

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gzip
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +213,14 @@ def make_zoo(tmp_path: Path) -> Callable[..., Path]:
         return write_test_zoo(tmp_path / name, **options)
 
     return _make
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op torch thread: tiny convolutions run ~10x faster so on a busy 2-core box."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

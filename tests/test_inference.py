@@ -15,13 +15,7 @@ from cahal_bids.grid import native_grid
 from cahal_bids.inference import Enhancer, sidecar_path_for
 from cahal_bids.zoo import Zoo
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _oblique_lps_affine(zooms, shift=(12.0, -30.0, 25.0), degrees=10.0):

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,13 +27,7 @@ def _volume(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return 3 * x + 0.1 * torch.rand(shape, generator=g)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: tiny convolutions are ~10x faster so on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _random_net(**kwargs: object) -> ResidualUNet3D:
