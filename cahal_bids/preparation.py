@@ -96,15 +96,16 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from cahal_bids import __version__
+from cahal_bids.ants_bridge import ants_image, ants_seed
 from cahal_bids.atomic import write_json_atomic
 from cahal_bids.errors import CahalError, InvalidImageError
 from cahal_bids.grid import NativeGrid, native_grid
@@ -112,9 +113,6 @@ from cahal_bids.nifti import NIFTI_SUFFIXES, load_header, load_image, save_image
 from cahal_bids.normalization import DEFAULT_NORMALIZATION, RobustScale
 from cahal_bids.orientation import Reorientation
 from cahal_bids.zoo import file_sha256
-
-if TYPE_CHECKING:
-    import ants
 
 __all__ = [
     'BRAIN_EXTRACTED_MAX_LITRES',
@@ -580,20 +578,6 @@ def resample_to_native_bspline(
 
 
 @contextlib.contextmanager
-def _ants_seed(seed: int) -> Iterator[None]:
-    """Set ``ANTS_RANDOM_SEED`` for the ANTs calls inside the block, then restore it."""
-    previous = os.environ.get('ANTS_RANDOM_SEED')
-    os.environ['ANTS_RANDOM_SEED'] = str(int(seed) + 1)  # ANTs wants a non-zero seed
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop('ANTS_RANDOM_SEED', None)
-        else:
-            os.environ['ANTS_RANDOM_SEED'] = previous
-
-
-@contextlib.contextmanager
 def _private_ants_tempfiles() -> Iterator[None]:
     """Make ``ants.atropos`` write its probability images into a folder deleted afterwards.
 
@@ -615,14 +599,6 @@ def _private_ants_tempfiles() -> Iterator[None]:
             yield
         finally:
             module.mktemp = original  # type: ignore[attr-defined]
-
-
-def _ants_image(data: np.ndarray, affine: np.ndarray) -> ants.ANTsImage:
-    import ants
-
-    image = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=float))
-    image.header.set_xyzt_units(xyz='mm', t='sec')
-    return ants.from_nibabel_nifti(image)
 
 
 def nlm_denoise(
@@ -659,7 +635,7 @@ def nlm_denoise(
         box = _bounding_box(mask, margin)
         mask_image = None
     crop = np.ascontiguousarray(array[box])
-    with _ants_seed(seed):
+    with ants_seed(seed):
         filtered = ants.denoise_image(
             ants.from_numpy(crop, spacing=spacing),
             mask_image,
@@ -679,7 +655,7 @@ def bias_corrected(image: np.ndarray, mask: np.ndarray, *, seed: int = 0) -> np.
     """N4 bias-field-corrected copy of a 1 mm image inside ``mask`` (0 outside)."""
     import ants
 
-    with _ants_seed(seed):
+    with ants_seed(seed):
         corrected = ants.n4_bias_field_correction(
             ants.from_numpy(np.asarray(image, dtype=np.float32)),
             mask=ants.from_numpy(mask.astype(np.float32)),
@@ -746,10 +722,10 @@ def template_brain_mask(
     import ants
 
     started = time.perf_counter()
-    fixed = _ants_image(image, affine)
+    fixed = ants_image(image, affine)
     moving = ants.image_read(str(template.head))
     mask_image = ants.from_nibabel_nifti(template.brain_mask)
-    with _ants_seed(seed):
+    with ants_seed(seed):
         registration = ants.registration(fixed, moving, type_of_transform='AffineFast')
     try:
         prior_image = ants.apply_transforms(
@@ -820,7 +796,7 @@ def tissue_labels(
     samples = clipped[brain]
     centres = _kmeans_1d(samples[:: max(1, samples.size // 500_000)])
     initial = 'x'.join(f'{centre:.6g}' for centre in centres)
-    with _ants_seed(seed), _private_ants_tempfiles():
+    with ants_seed(seed), _private_ants_tempfiles():
         result = ants.atropos(
             a=ants.from_numpy(clipped),
             x=ants.from_numpy(brain.astype(np.float32)),
@@ -1039,7 +1015,7 @@ def prepare_image(
         'itk_threads': os.environ.get('ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'),
         'software': _software_versions(),
         'warnings': warnings,
-        'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+        'created': datetime.now(UTC).isoformat(timespec='seconds'),
     }
     _write_json(folder / METADATA_NAME, metadata)
     return PreparedVolume(directory=folder, metadata=metadata)
@@ -1146,7 +1122,7 @@ def write_manifest(
     manifest = {
         'cahal_bids_version': __version__,
         'preparation_version': PREPARATION_VERSION,
-        'updated': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+        'updated': datetime.now(UTC).isoformat(timespec='seconds'),
         'entries': entries,
         'failed': [{'source': src, 'error': msg} for src, msg in sorted((failed or {}).items())],
     }

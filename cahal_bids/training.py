@@ -116,8 +116,22 @@ class TrainingSchedule:
     checkpoint_every_s: float = 300.0
     time_budget_s: float | None = None
     gradient_clip: float | None = 1.0
+    lr_schedule: str = 'plateau'
+    """``'plateau'`` halves the rate when the smoothed loss stalls; ``'cosine'`` decays it
+    from ``learning_rate`` to ``min_learning_rate`` over ``max_steps`` (robust when the
+    loss mixes cells of very different difficulty, which makes plateaus hard to see)."""
+
+    def learning_rate_at(self, step: int) -> float:
+        """The cosine rate for the 0-based ``step`` (only for ``lr_schedule='cosine'``)."""
+        progress = min(max(step / self.max_steps, 0.0), 1.0)
+        span = self.learning_rate - self.min_learning_rate
+        return self.min_learning_rate + 0.5 * span * (1 + math.cos(math.pi * progress))
 
     def __post_init__(self) -> None:
+        if self.lr_schedule not in ('plateau', 'cosine'):
+            raise ValueError(
+                f"lr_schedule must be 'plateau' or 'cosine', got {self.lr_schedule!r}"
+            )
         if self.max_steps < 1:
             raise ValueError(f'max_steps must be >= 1, got {self.max_steps}')
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -312,6 +326,9 @@ def fit(
                     '%s: stop requested, checkpointing at step %d', folder, state['step']
                 )
                 break
+            if schedule.lr_schedule == 'cosine':
+                for group in optimizer.param_groups:
+                    group['lr'] = schedule.learning_rate_at(state['step'])
             batch = next(stream)
             inputs = batch.inputs.to(device, non_blocking=True)
             targets = batch.targets.to(device, non_blocking=True)
@@ -348,7 +365,8 @@ def fit(
             )
             if state['step'] % schedule.evaluate_every == 0:
                 smoothed = state['smoothed_loss']
-                scheduler.step(smoothed)
+                if schedule.lr_schedule == 'plateau':
+                    scheduler.step(smoothed)
                 if state['best_loss'] is None or smoothed < state['best_loss'] * (1 - 1e-3):
                     state['best_loss'] = smoothed
                     state['looks_without_improvement'] = 0

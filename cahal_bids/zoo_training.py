@@ -65,6 +65,7 @@ class ZooTrainingConfig:
     evaluate_every: int = 50
     plateau_patience: int = 8
     early_stop_patience: int = 20
+    lr_schedule: str = 'plateau'
 
     def architecture(self) -> dict[str, Any]:
         return {
@@ -110,6 +111,7 @@ def _fit_one(
         evaluate_every=config.evaluate_every,
         plateau_patience=config.plateau_patience,
         early_stop_patience=config.early_stop_patience,
+        lr_schedule=config.lr_schedule,
     )
     return fit(
         network,
@@ -133,13 +135,20 @@ def train_zoo(
     loss_fn: Any,
     device: torch.device,
     init_zoo: Zoo | None = None,
+    warm_start: Zoo | None = None,
     name: str | None = None,
     version: str = __version__,
     data_sources: Sequence[Mapping[str, Any]] = (),
     progress: bool = True,
     extra_manifest: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Train every cell of ``config.cells`` in curriculum order and write the zoo."""
+    """Train every cell of ``config.cells`` in curriculum order and write the zoo.
+
+    ``init_zoo`` skips the generalist and starts each expert from that zoo's choice for
+    its cell. ``warm_start`` instead starts the generalist from that zoo's V1A3 expert
+    (for a generalist-only zoo, the generalist itself; for FLAIR, a T1w generalist), so
+    a generalist can be continued under a new schedule or carried to another modality.
+    """
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     (work / 'config.json').write_text(json.dumps(asdict(config), indent=2) + '\n')
@@ -152,8 +161,12 @@ def train_zoo(
 
     generalist: dict[str, torch.Tensor] | None = None
     generalist_seconds = 0.0
+    if init_zoo is not None and warm_start is not None:
+        raise ValueError('give init_zoo or warm_start, not both')
     if init_zoo is None:
         network = fresh()
+        if warm_start is not None:
+            network.load_state_dict(warm_start.load_state_dict(warm_start.choose('V1A3').cell))
         result = _fit_one(
             name='generalist',
             network=network,
@@ -236,6 +249,9 @@ def train_zoo(
                 'hardware': platform.processor() or platform.machine(),
                 'torch_threads': torch.get_num_threads(),
                 'init_zoo': None if init_zoo is None else f'{init_zoo.name} {init_zoo.version}',
+                'warm_start': (
+                    None if warm_start is None else f'{warm_start.name} {warm_start.version}'
+                ),
                 'data': list(data_sources),
                 'software': {'cahal-bids': __version__, 'torch': torch.__version__},
             },

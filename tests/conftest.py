@@ -224,3 +224,83 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def head_phantom(shape: Sequence[int], voxel_sizes: Sequence[float], *, seed: int = 0):
+    """A smooth head-like volume: bright scalp shell, grey 'brain', darker 'ventricles'.
+
+    Built in millimetres around the grid centre, so the same anatomy can be sampled
+    on grids of any resolution (a template at 1 mm, thick-slice inputs).
+    """
+    import numpy as np
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    axes = [
+        (np.arange(n) - (n - 1) / 2) * size for n, size in zip(shape, voxel_sizes, strict=True)
+    ]
+    x, y, z = np.meshgrid(*axes, indexing='ij')
+    radius = np.sqrt((x / 30) ** 2 + (y / 36) ** 2 + (z / 28) ** 2)
+    volume = np.where(radius < 1.0, 60.0, 0.0)
+    volume = np.where(radius < 0.85, 100.0, volume)
+    ventricles = np.sqrt(((x - 4) / 6) ** 2 + (y / 12) ** 2 + ((z - 3) / 5) ** 2) < 1
+    volume = np.where(ventricles, 30.0, volume)
+    sigma = [1.0 / size for size in voxel_sizes]
+    volume = ndimage.gaussian_filter(volume, sigma)
+    return (volume + rng.normal(0, 1.0, volume.shape)).clip(0).astype(np.float32)
+
+
+def write_bids_dataset(root: Path, images: Sequence[tuple[str, Sequence[float]]]) -> Path:
+    """A tiny BIDS dataset: ``images`` are (relative path, voxel sizes) of thick-slice phantoms."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / 'dataset_description.json').write_text(
+        json.dumps({'Name': 'tiny phantoms', 'BIDSVersion': '1.9.0'})
+    )
+    for index, (relative, sizes) in enumerate(images):
+        extents = (72, 84, 64)
+        shape = [int(round(extent / size)) for extent, size in zip(extents, sizes, strict=True)]
+        data = head_phantom(shape, sizes, seed=index)
+        affine = np.diag([*sizes, 1.0])
+        affine[:3, 3] = -(np.asarray(shape) - 1) / 2 * np.asarray(sizes)
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = nib.Nifti1Image(data, affine)
+        image.header.set_xyzt_units('mm', 'sec')
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+        image.to_filename(path)
+        path.with_name(path.name.replace('.nii.gz', '.json')).write_text('{}')
+    return root
+
+
+def write_phantom_template(path: Path) -> Path:
+    """A 1 mm phantom 'template' (slightly larger head) for registration tests."""
+    import nibabel as nib
+    import numpy as np
+
+    shape = (80, 92, 72)
+    data = head_phantom(shape, (1.0, 1.0, 1.0), seed=99)
+    data = np.asarray(
+        __import__('scipy').ndimage.zoom(data, 1.05, order=1)[: shape[0], : shape[1], : shape[2]]
+    )
+    affine = np.eye(4)
+    affine[:3, 3] = -(np.asarray(data.shape) - 1) / 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.Nifti1Image(data.astype(np.float32), affine).to_filename(path)
+    return path
+
+
+@pytest.fixture(scope='session')
+def dataset_factories() -> dict[str, Callable[..., Path]]:
+    """:func:`write_bids_dataset`, :func:`write_phantom_template` and :func:`write_test_zoo`
+    for module-scoped fixtures (tests cannot import conftest)."""
+    return {
+        'bids': write_bids_dataset,
+        'template': write_phantom_template,
+        'zoo': write_test_zoo,
+    }

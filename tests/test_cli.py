@@ -1,4 +1,4 @@
-"""Console scripts: --help/--version everywhere, honest 'not yet' exits, the dry run."""
+"""Console scripts: --help/--version everywhere, clear usage errors, the dry run."""
 
 from __future__ import annotations
 
@@ -48,18 +48,12 @@ def test_run_py_and_module_are_the_bids_app():
         assert result.stdout.strip() == f'cahal-bids {__version__}'
 
 
-@pytest.mark.parametrize(
-    ('module', 'argv', 'what'),
-    [
-        (run, ['/data', '/out', 'participant'], 'BIDS-App workflow'),
-    ],
-)
-def test_commands_not_built_yet_exit_2_with_a_reason(module, argv, what, capsys):
-    assert module.main(argv) == 2
+def test_bids_app_on_a_missing_dataset_exits_2_with_a_reason(tmp_path, capsys):
+    assert run.main([str(tmp_path / 'absent'), str(tmp_path / 'out'), 'participant']) == 2
     err = capsys.readouterr().err
-    assert what in err
-    assert 'not available' in err
+    assert 'absent' in err and 'does not exist' in err
     assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / 'out').exists()
 
 
 def test_usage_errors_exit_2(capsys):

@@ -219,3 +219,21 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
     assert steps >= 3
     state = json.loads((tmp_path / 'checkpoint.json').read_text())
     assert state['step'] == steps
+
+
+def test_cosine_schedule_decays_from_the_rate_to_the_floor(tmp_path):
+    schedule = TrainingSchedule(
+        max_steps=6, learning_rate=1e-2, min_learning_rate=1e-4, lr_schedule='cosine'
+    )
+    assert schedule.learning_rate_at(0) == pytest.approx(1e-2)
+    assert schedule.learning_rate_at(3) == pytest.approx((1e-2 + 1e-4) / 2)
+    assert schedule.learning_rate_at(6) == pytest.approx(1e-4)
+    torch.manual_seed(0)
+    network = ResidualUNet3D(levels=2, initial_filters=2)
+    stream = PairStream([_phantom()], CellSampler('V4A1'), patch_size=8, batch_size=1, seed=0)
+    fit(network, stream, _l1, run_dir=tmp_path, schedule=schedule, progress=False)
+    rates = [float(r['lr']) for r in csv.DictReader((tmp_path / 'loss.csv').open())]
+    expected = [schedule.learning_rate_at(step) for step in range(6)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-2)
+    with pytest.raises(ValueError, match='lr_schedule'):
+        TrainingSchedule(lr_schedule='step')

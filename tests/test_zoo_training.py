@@ -55,3 +55,27 @@ def test_tiny_zoo_follows_the_curriculum_and_resumes(tmp_path):
     again = Zoo.open(train_zoo([_volume()], **options)).load_state_dict('V2A2')
     for key, value in first.items():
         assert torch.equal(value, again[key])
+
+
+def test_warm_start_continues_a_generalist_from_a_zoo(tmp_path):
+    torch.set_num_threads(1)
+    config = ZooTrainingConfig(
+        levels=2, initial_filters=2, patch_size=8, batch_size=1, generalist_steps=2,
+        steps_per_expert=1, cells=('V1A3',), lr_schedule='cosine',
+    )  # fmt: skip
+    common = dict(config=config, loss_fn=_l1, device=torch.device('cpu'), progress=False)
+    first = Zoo.open(train_zoo([_volume()], out_dir=tmp_path / 'a', work_dir=tmp_path / 'ra',
+                               **common))  # fmt: skip
+    second = Zoo.open(
+        train_zoo(
+            [_volume()],
+            out_dir=tmp_path / 'b',
+            work_dir=tmp_path / 'rb',
+            warm_start=first,
+            **common,
+        )  # fmt: skip
+    )
+    assert second.manifest['training']['warm_start'] == f'{first.name} {first.version}'
+    assert second.manifest['training']['lr_schedule'] == 'cosine'
+    a, b = first.load_state_dict('V1A3'), second.load_state_dict('V1A3')
+    assert any(not torch.equal(a[key], b[key]) for key in a)  # it trained further

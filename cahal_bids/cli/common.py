@@ -12,7 +12,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 """Processing failed for at least one input."""
 EXIT_USAGE = 2
-"""Bad command line, bad input dataset, or a command this version does not provide."""
+"""Bad command line or bad input dataset (nothing was processed)."""
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -41,13 +41,3 @@ def report_error(prog: str, message: str) -> None:
     """Print a one-line error on stderr, prefixed with the program name."""
     first_line = ' '.join(str(message).split())
     print(f'{prog}: error: {first_line}', file=sys.stderr)
-
-
-def not_built_yet(prog: str, what: str) -> int:
-    """Say clearly that ``what`` is not provided by this version and return ``EXIT_USAGE``."""
-    report_error(
-        prog,
-        f'{what} is not available in cahal-bids {__version__} yet; '
-        'see the README for what this version provides',
-    )
-    return EXIT_USAGE

@@ -45,6 +45,21 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--segmenter', type=Path, help='frozen tissue segmenter folder for the semantic loss'
     )
+    parser.add_argument(
+        '--warm-start',
+        '--warm_start',
+        type=Path,
+        default=None,
+        help='zoo whose V1A3 expert initialises the generalist (continue a generalist, '
+        'or carry a T1w generalist to FLAIR)',
+    )
+    parser.add_argument(
+        '--lr-schedule',
+        '--lr_schedule',
+        choices=('plateau', 'cosine'),
+        default='plateau',
+        help='halve the rate on plateaus of the smoothed loss, or cosine decay over the steps',
+    )
     parser.add_argument('--levels', type=int, default=4)
     parser.add_argument('--filters', type=int, default=16, help='initial filters')
     parser.add_argument('--patch-size', '--patch_size', type=int, default=64)
@@ -164,6 +179,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         volumes, sources = load_training_volumes(args.cache_dir, modality=args.modality)
         init_zoo = Zoo.open(args.init_zoo) if args.init_zoo else None
+        warm_start = Zoo.open(args.warm_start) if args.warm_start else None
         segmenter = load_segmenter(args.segmenter, device=device) if args.segmenter else None
     except CahalError as error:
         report_error(PROG, str(error))
@@ -192,7 +208,11 @@ def _run_fit(args: argparse.Namespace) -> int:
         evaluate_every=args.evaluate_every,
         plateau_patience=args.plateau_patience,
         early_stop_patience=args.early_stop_patience,
+        lr_schedule=args.lr_schedule,
     )
+    if init_zoo is not None and warm_start is not None:
+        report_error(PROG, '--init-zoo and --warm-start exclude each other')
+        return EXIT_USAGE
     loss = CahalLoss(
         fft_weight=args.fft_weight,
         segmenter=segmenter,
@@ -206,6 +226,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         loss_fn=loss,
         device=device,
         init_zoo=init_zoo,
+        warm_start=warm_start,
         data_sources=sources,
         progress=not args.quiet,
     )

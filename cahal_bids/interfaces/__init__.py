@@ -1,0 +1,1 @@
+"""Thin Nipype interfaces over cahal-bids library functions (one module per concern)."""

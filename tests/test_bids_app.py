@@ -1,0 +1,453 @@
+"""The BIDS-App: command line, dataset crawl, derivative names, workflows, full small runs."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tomllib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cahal_bids.bids import (
+    BIDSInputError,
+    InputImage,
+    check_output_dir,
+    collect_images,
+    derivative_name,
+    load_bids_filters,
+    read_layout,
+    strip_subject_prefix,
+)
+from cahal_bids.cli import run
+from cahal_bids.config import RunConfig
+from cahal_bids.grid import native_grid
+from cahal_bids.workflows.base import init_single_subject_wf
+
+IMAGES = [
+    ('sub-01/anat/sub-01_T1w.nii.gz', (1.0, 1.0, 4.0)),
+    ('sub-01/anat/sub-01_FLAIR.nii.gz', (1.0, 1.0, 5.0)),
+    ('sub-02/ses-a/anat/sub-02_ses-a_T1w.nii.gz', (1.2, 1.2, 3.0)),
+    ('sub-02/ses-a/anat/sub-02_ses-a_acq-iso_T1w.nii.gz', (1.0, 1.0, 1.0)),
+]
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob('*'))
+        if path.is_file()
+    }
+
+
+@pytest.fixture(scope='module')
+def assets(tmp_path_factory, dataset_factories) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp('bids_app')
+    make = dataset_factories
+    return {
+        'bids': make['bids'](root / 'bids', IMAGES),
+        'template': make['template'](root / 'tpl-Phantom_T1w.nii.gz'),
+        't1w_zoo': make['zoo'](root / 'zoo-t1w'),
+        'flair_zoo': make['zoo'](root / 'zoo-flair', modality='FLAIR'),
+        'root': root,
+        'factories': make,
+    }
+
+
+def _argv(assets, out: Path, work: Path, *extra: str) -> list[str]:
+    return [
+        str(assets['bids']),
+        str(out),
+        'participant',
+        '-w',
+        str(work),
+        '--zoo',
+        str(assets['t1w_zoo']),
+        str(assets['flair_zoo']),
+        '--template-file',
+        str(assets['template']),
+        '--template-name',
+        'Phantom',
+        '--sloppy',
+        '--nprocs',
+        '2',
+        *extra,
+    ]
+
+
+@pytest.fixture(scope='module')
+def full_run(assets):
+    """One participant-level run of the whole tiny dataset (shared by several tests)."""
+    before = _tree_digest(assets['bids'])
+    out = assets['root'] / 'out'
+    work = assets['root'] / 'work'
+    status = run.main(_argv(assets, out, work, '--output-spaces'))
+    return {'status': status, 'out': out, 'work': work, 'before': before}
+
+
+# --- command line -------------------------------------------------------------------
+
+
+def test_memory_sizes():
+    assert run.memory_gb('8000') == 8.0
+    assert run.memory_gb('8G') == 8.0
+    assert run.memory_gb('2.5gb') == 2.5
+    for bad in ('', 'lots', '-1', '0', '8Q'):
+        with pytest.raises(argparse.ArgumentTypeError):
+            run.memory_gb(bad)
+
+
+def test_parser_accepts_dashed_and_underscored_spellings():
+    parser = run.build_parser()
+    dashed = parser.parse_args(
+        ['d', 'o', 'participant', '--participant-label', 'sub-01', '02', '--omp-nthreads', '3',
+         '--mem', '6G', '--bids-filter-file', 'f.json', '--no-denoise', '--notrack', '-vv'],
+    )  # fmt: skip
+    underscored = parser.parse_args(
+        ['d', 'o', 'participant', '--participant_label', 'sub-01', '02', '--omp_nthreads', '3',
+         '--mem_mb', '6000', '--bids_filter_file', 'f.json', '--no_denoise', '--notrack', '-vv'],
+    )  # fmt: skip
+    for args in (dashed, underscored):
+        assert args.participant_label == ['sub-01', '02']
+        assert args.omp_nthreads == 3
+        assert args.mem_gb == 6.0
+        assert args.bids_filter_file == Path('f.json')
+        assert args.no_denoise and args.verbose == 2
+    defaults = parser.parse_args(['d', 'o', 'group'])
+    assert defaults.modalities == ['T1w', 'FLAIR']
+    assert defaults.template == 'MNI152NLin2009cAsym'
+    assert defaults.device == 'auto'
+
+
+def test_labels_and_names():
+    assert strip_subject_prefix('sub-01') == strip_subject_prefix('01') == '01'
+    entities = {'subject': '01', 'session': 'a', 'acquisition': 'ax', 'run': '2'}
+    assert derivative_name(entities, 'FLAIR', desc='cahal') == (
+        'sub-01_ses-a_acq-ax_run-2_desc-cahal_FLAIR.nii.gz'
+    )
+    assert derivative_name(entities, 'T1w', space='MNI152NLin2009cAsym', desc='cahal') == (
+        'sub-01_ses-a_acq-ax_run-2_space-MNI152NLin2009cAsym_desc-cahal_T1w.nii.gz'
+    )
+
+
+def test_output_dir_must_be_outside_the_dataset(tmp_path):
+    check_output_dir(tmp_path / 'bids', tmp_path / 'out')
+    for inside in (tmp_path / 'bids', tmp_path / 'bids' / 'derivatives' / 'cahal'):
+        with pytest.raises(BIDSInputError, match='outside the input dataset'):
+            check_output_dir(tmp_path / 'bids', inside)
+
+
+def test_filter_files_are_checked(tmp_path):
+    good = tmp_path / 'good.json'
+    good.write_text(json.dumps({'t1w': {'acquisition': 'iso'}}))
+    assert load_bids_filters(good) == {'t1w': {'acquisition': 'iso'}}
+    assert load_bids_filters(None) == {}
+    cases = {
+        'missing.json': None,
+        'text.json': 'not json',
+        'list.json': '[1]',
+        'unknown.json': json.dumps({'bold': {}}),
+        'scalar.json': json.dumps({'t1w': 3}),
+    }
+    for name, content in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_text(content)
+        with pytest.raises(BIDSInputError, match=name):
+            load_bids_filters(path)
+
+
+def test_run_config_round_trips_through_toml(tmp_path):
+    config = RunConfig(
+        bids_dir='/data', output_dir='/out', analysis_level='participant', work_dir='/work',
+        participant_label=['01'], bids_filters={'t1w': {'acquisition': None, 'run': 1}},
+        zoos={'T1w': '/zoo "quoted"'}, mem_gb=6.5,
+    )  # fmt: skip
+    path = config.save(tmp_path / 'config.toml')
+    assert tomllib.loads(path.read_text())['cahal_bids']['mem_gb'] == 6.5
+    assert RunConfig.load(path) == config
+
+
+# --- dataset crawl --------------------------------------------------------------------
+
+
+def test_collect_images_selects_by_label_session_modality_and_filter(assets):
+    layout = read_layout(assets['bids'])
+    everything = collect_images(layout)
+    assert sorted(everything) == ['01', '02']
+    assert [image.modality for image in everything['01']] == ['T1w', 'FLAIR']
+    assert len(everything['02']) == 2
+    only = collect_images(layout, participant_labels=['sub-02'], session_labels=['ses-a'])
+    assert list(only) == ['02']
+    flair = collect_images(layout, modalities=['FLAIR'])
+    assert list(flair) == ['01']
+    filtered = collect_images(layout, filters={'t1w': {'acquisition': 'iso'}})
+    assert [image.entities.get('acquisition') for image in filtered['02']] == ['iso']
+    assert everything['02'][0].relative_path.startswith('sub-02/ses-a/anat/')
+    with pytest.raises(BIDSInputError, match='sub-99'):
+        collect_images(layout, participant_labels=['99'])
+    with pytest.raises(BIDSInputError, match='no FLAIR image'):
+        collect_images(layout, participant_labels=['02'], modalities=['FLAIR'])
+
+
+def test_invalid_dataset_is_refused(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(BIDSInputError, match='not a valid BIDS dataset'):
+        read_layout(tmp_path / 'empty')
+
+
+# --- workflow graphs --------------------------------------------------------------------
+
+
+def _images(with_flair: bool) -> list[InputImage]:
+    t1w = InputImage(
+        path=Path('/data/sub-01/anat/sub-01_T1w.nii.gz'), modality='T1w', subject='01',
+        entities={'subject': '01'}, relative_path='sub-01/anat/sub-01_T1w.nii.gz',
+    )  # fmt: skip
+    flair = InputImage(
+        path=Path('/data/sub-01/anat/sub-01_FLAIR.nii.gz'), modality='FLAIR', subject='01',
+        entities={'subject': '01'}, relative_path='sub-01/anat/sub-01_FLAIR.nii.gz',
+    )  # fmt: skip
+    return [t1w, flair] if with_flair else [t1w]
+
+
+@pytest.mark.parametrize('with_flair', [False, True])
+@pytest.mark.parametrize('denoise', [False, True])
+@pytest.mark.parametrize('skip_registration', [False, True])
+@pytest.mark.parametrize('output_spaces', [False, True])
+@pytest.mark.parametrize('write_intermediate', [False, True])
+def test_single_subject_graph_follows_the_options(
+    with_flair, denoise, skip_registration, output_spaces, write_intermediate
+):
+    workflow = init_single_subject_wf(
+        subject='01', images=_images(with_flair), output_dir='/out',
+        zoos={'T1w': '/zoo-t1w', 'FLAIR': '/zoo-flair'}, zoo_ids={'T1w': 'a', 'FLAIR': 'b'},
+        denoise=denoise, device='cpu', precision='fp32', template='MNI152NLin2009cAsym',
+        template_file='/tpl.nii.gz', skip_registration=skip_registration,
+        output_spaces=output_spaces, write_intermediate=write_intermediate, sloppy=True,
+        omp_nthreads=1, seed=0,
+    )  # fmt: skip
+    names = {f'sub_01_wf.{node.fullname}' for node in workflow._get_all_nodes()}
+    modalities = ['t1w', 'flair'] if with_flair else ['t1w']
+    for key in modalities:
+        assert f'sub_01_wf.enhance_{key}_wf.enhance' in names
+        assert (f'sub_01_wf.enhance_{key}_wf.denoise' in names) == denoise
+        assert (f'sub_01_wf.register_{key}_wf.register' in names) == (not skip_registration)
+        assert (f'sub_01_wf.register_{key}_wf.resample' in names) == (
+            output_spaces and not skip_registration
+        )
+        assert (f'sub_01_wf.ds_enhanced_{key}_wf.ds_denoised' in names) == (
+            write_intermediate and denoise
+        )
+    assert ('sub_01_wf.flair2t1w_flair_wf.register' in names) == with_flair
+    sinks = {name for name in names if name.split('.')[-1].startswith('ds_')}
+    writers = {
+        f'sub_01_wf.{node.fullname}'
+        for node in workflow._get_all_nodes()
+        if type(node.interface).__name__ == 'DerivativesDataSink'
+    }
+    assert sinks == writers  # only the sinks write derivatives
+    workflow._create_flat_graph()  # every connection resolves
+
+
+# --- full runs ----------------------------------------------------------------------------
+
+
+def test_participant_run_writes_bids_derivatives(full_run, assets):
+    assert full_run['status'] == 0
+    out = full_run['out']
+    description = json.loads((out / 'dataset_description.json').read_text())
+    assert description['DatasetType'] == 'derivative'
+    assert description['GeneratedBy'][0]['Name'] == 'cahal-bids'
+    assert description['DatasetLinks']['raw'] == str(assets['bids'].resolve())
+    assert (out / '.bidsignore').exists()
+    assert 'CAHAL' in (out / 'logs' / 'CITATION.md').read_text()
+    anat = out / 'sub-01' / 'anat'
+    expected = [
+        'sub-01_desc-cahal_T1w.nii.gz', 'sub-01_desc-cahal_T1w.json',
+        'sub-01_desc-cahal_FLAIR.nii.gz', 'sub-01_desc-cahal_FLAIR.json',
+        'sub-01_from-T1w_to-Phantom_mode-image_xfm.txt',
+        'sub-01_from-Phantom_to-T1w_mode-image_xfm.txt',
+        'sub-01_from-FLAIR_to-T1w_mode-image_xfm.txt',
+        'sub-01_from-T1w_to-FLAIR_mode-image_xfm.txt',
+        'sub-01_space-Phantom_desc-cahal_T1w.nii.gz',
+    ]  # fmt: skip
+    for name in expected:
+        assert (anat / name).is_file(), name
+    session = out / 'sub-02' / 'ses-a' / 'anat'
+    assert (session / 'sub-02_ses-a_desc-cahal_T1w.nii.gz').is_file()
+    assert (session / 'sub-02_ses-a_acq-iso_desc-cahal_T1w.nii.gz').is_file()
+    assert not list(out.rglob('*desc-denoised*'))  # only with --write-intermediate
+    assert not list(out.rglob('.*.tmp*'))  # no temporary file left behind
+    text = (anat / 'sub-01_from-T1w_to-Phantom_mode-image_xfm.txt').read_text()
+    assert text.startswith('#Insight Transform File V1.0')
+
+
+def test_sidecars_carry_provenance_and_routing(full_run):
+    anat = full_run['out'] / 'sub-01' / 'anat'
+    sidecar = json.loads((anat / 'sub-01_desc-cahal_FLAIR.json').read_text())
+    assert sidecar['Sources'] == ['bids:raw:sub-01/anat/sub-01_FLAIR.nii.gz']
+    assert sidecar['SpatialReference'] == 'bids:raw:sub-01/anat/sub-01_FLAIR.nii.gz'
+    assert sidecar['Denoised'] is True
+    assert '1 mm isotropic' in sidecar['Resolution']
+    details = sidecar['CAHAL']
+    assert details['voxel_sizes'] == [1.0, 1.0, 5.0]
+    assert details['cell'] == 'V5A1' and details['skipped'] is False
+    assert details['zoo']['modality'] == 'FLAIR'
+    assert len(details['expert']['sha256']) == 64
+    assert 'torch' in details['software']
+    skipped = json.loads(
+        (
+            full_run['out'] / 'sub-02/ses-a/anat/sub-02_ses-a_acq-iso_desc-cahal_T1w.json'
+        ).read_text()
+    )
+    assert skipped['CAHAL']['skipped'] is True
+    registration = json.loads(
+        (anat / 'sub-01_from-T1w_to-Phantom_mode-image_xfm.json').read_text()
+    )['Registration']
+    assert registration['stages'] == ['QuickRigid', 'AffineFast']
+    assert registration['similarity']['correlation'] > 0.8
+
+
+def test_outputs_line_up_with_inputs_in_world_space(full_run, assets):
+    for relative, _ in IMAGES:
+        source = nib.load(assets['bids'] / relative)
+        name = (
+            Path(relative)
+            .name.replace('_T1w', '_desc-cahal_T1w')
+            .replace('_FLAIR', '_desc-cahal_FLAIR')
+        )
+        output = nib.load(full_run['out'] / Path(relative).parent / name)
+        expected = native_grid(source.shape, source.affine)
+        assert output.shape == expected.shape
+        np.testing.assert_allclose(output.affine, expected.affine, atol=1e-4)
+        assert output.get_data_dtype() == np.float32
+        centre_in = source.affine @ np.array([*(np.array(source.shape) - 1) / 2, 1.0])
+        centre_out = output.affine @ np.array([*(np.array(output.shape) - 1) / 2, 1.0])
+        np.testing.assert_allclose(centre_in, centre_out, atol=1e-3)
+
+
+def test_the_input_dataset_is_never_written(full_run, assets):
+    assert _tree_digest(assets['bids']) == full_run['before']
+
+
+def test_reports_link_real_figures(full_run):
+    out = full_run['out']
+    for subject in ('01', '02'):
+        page = (out / f'sub-{subject}.html').read_text()
+        sources = [part.split('"')[0] for part in page.split('src="')[1:]]
+        assert sources, f'no figure in sub-{subject}.html'
+        for source in sources:
+            assert not source.startswith('/')  # relative, so the folder can move
+            assert (out / source).is_file()
+        assert 'No errors to report' in page
+        assert 'Methods' in page
+    assert 'space-Phantom_desc-registration_T1w.png' in (out / 'sub-01.html').read_text()
+
+
+def test_group_level_summarises_every_image(full_run, assets):
+    out = full_run['out']
+    assert run.main([str(assets['bids']), str(out), 'group']) == 0
+    lines = (out / 'group_summary.tsv').read_text().splitlines()
+    header = lines[0].split('\t')
+    rows = [dict(zip(header, line.split('\t'), strict=True)) for line in lines[1:]]
+    assert len(rows) == len(IMAGES)
+    by_file = {row['file']: row for row in rows}
+    flair = by_file['sub-01/anat/sub-01_desc-cahal_FLAIR.nii.gz']
+    assert flair['cell'] == 'V5A1' and flair['modality'] == 'FLAIR'
+    assert float(flair['registration_correlation']) > 0.8
+    iso = by_file['sub-02/ses-a/anat/sub-02_ses-a_acq-iso_desc-cahal_T1w.nii.gz']
+    assert iso['skipped'] == 'True' and iso['cell'] == 'n/a'
+    assert 'sub-01.html' in (out / 'group.html').read_text()
+
+
+def test_rerun_with_the_same_work_dir_recomputes_nothing(full_run, assets):
+    work = full_run['work']
+    results = [*work.rglob('result_enhance.pklz'), *work.rglob('result_register.pklz')]
+    assert len(results) >= 6
+    stamps = {path: path.stat().st_mtime_ns for path in results}
+    deleted = full_run['out'] / 'sub-01' / 'anat' / 'sub-01_desc-cahal_T1w.nii.gz'
+    deleted.unlink()
+    assert run.main(_argv(assets, full_run['out'], work, '--output-spaces')) == 0
+    assert {path: path.stat().st_mtime_ns for path in results} == stamps
+    assert deleted.is_file()  # the sinks always run, so a lost output comes back
+
+
+def test_a_failing_image_does_not_stop_the_others(assets, tmp_path, capsys):
+    bids = assets['factories']['bids'](
+        tmp_path / 'bids',
+        [('sub-01/anat/sub-01_T1w.nii.gz', (1.0, 1.0, 4.0)),
+         ('sub-02/anat/sub-02_T1w.nii.gz', (1.0, 1.0, 4.0))],
+    )  # fmt: skip
+    broken = bids / 'sub-02' / 'anat' / 'sub-02_T1w.nii.gz'
+    broken.write_bytes(b'this is not a NIfTI file')
+    out = tmp_path / 'out'
+    argv = _argv(assets, out, tmp_path / 'work', '--skip-registration', '--no-denoise')
+    argv[0] = str(bids)
+    assert run.main(argv) == 1
+    err = capsys.readouterr().err
+    assert 'failures' in err and 'sub-02' in err
+    assert (out / 'sub-01' / 'anat' / 'sub-01_desc-cahal_T1w.nii.gz').is_file()
+    crashes = list((out / 'sub-02' / 'log').rglob('crash-*'))
+    assert crashes and 'sub-02_T1w.nii.gz' in crashes[0].read_text()
+    assert 'Errors' in (out / 'sub-02.html').read_text()
+    assert crashes[0].name in (out / 'sub-02.html').read_text()
+
+
+@pytest.mark.parametrize(
+    ('extra', 'message'),
+    [
+        (['--participant-label', '07'], 'sub-07 not found'),
+        (['--template-file', '/nonexistent/tpl.nii.gz'], 'template file not found'),
+        (['--bids-filter-file', '/nonexistent/filters.json'], 'filter file not found'),
+    ],
+)
+def test_input_errors_exit_2_and_write_nothing(assets, tmp_path, capsys, extra, message):
+    out = tmp_path / 'out'
+    assert run.main(_argv(assets, out, tmp_path / 'work', *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_output_inside_the_dataset_is_refused(assets, capsys):
+    before = _tree_digest(assets['bids'])
+    inside = assets['bids'] / 'derivatives' / 'cahal'
+    assert run.main(_argv(assets, inside, assets['root'] / 'w2')) == 2
+    assert 'outside the input dataset' in capsys.readouterr().err
+    assert _tree_digest(assets['bids']) == before
+
+
+def test_missing_template_names_the_template_folder_and_alternative(
+    assets, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv('TEMPLATEFLOW_HOME', str(tmp_path / 'tf'))
+    argv = [str(assets['bids']), str(tmp_path / 'out'), 'participant', '-w', str(tmp_path / 'w'),
+            '--zoo', str(assets['t1w_zoo']), str(assets['flair_zoo'])]  # fmt: skip
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert 'MNI152NLin2009cAsym' in err
+    assert str(tmp_path / 'tf') in err
+    assert '--template-file' in err
+
+
+def test_boilerplate_only(assets, tmp_path):
+    out = tmp_path / 'out'
+    assert run.main([str(assets['bids']), str(out), 'participant', '--boilerplate-only',
+                     '--no-denoise', '-w', str(tmp_path / 'w')]) == 0  # fmt: skip
+    text = (out / 'logs' / 'CITATION.md').read_text()
+    assert 'CAHAL' in text and 'denoised' not in text
+    assert sorted(p.name for p in out.rglob('*') if p.is_file()) == ['CITATION.md']
+
+
+def test_run_configuration_is_saved_with_the_logs(full_run):
+    configs = sorted((full_run['out'] / 'sub-01' / 'log').rglob('cahal-bids.toml'))
+    assert configs
+    config = RunConfig.load(configs[0])
+    assert config.template == 'Phantom'
+    assert config.sloppy is True and config.output_spaces is True
+    assert sorted(config.zoos) == ['FLAIR', 'T1w']
+    assert os.path.isabs(config.work_dir)
