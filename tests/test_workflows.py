@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,16 @@ def test_enhance_image_recipe(tmp_path, make_nifti, test_zoo):
     assert 'copied (already 1 mm)' in result.stdout
     assert (tmp_path / 'out' / 'a_T1w_desc-cahal.nii.gz').exists()
     assert (tmp_path / 'out' / 'b_T1w_desc-cahal.json').exists()
+
+
+def test_enhance_wf_embeds_in_a_host_workflow(tmp_path, make_nifti, test_zoo):
+    image = make_nifti(shape=(16, 14, 5), zooms=(1.0, 1.0, 4.0), name='sub-01_T1w.nii.gz')
+    env = {**os.environ, 'NIPYPE_NO_ET': '1'}
+    result = subprocess.run(
+        [sys.executable, str(RECIPES / 'embed_enhance_wf.py'), str(image), str(test_zoo),
+         str(tmp_path / 'work'), '--denoise'],
+        capture_output=True, text=True, check=False, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'shape (16, 14, 20), voxel sizes 1x1x1 mm' in result.stdout
+    assert list((tmp_path / 'work' / 'host_wf' / 'cahal_enhance_wf').glob('denoise/*.nii.gz'))
