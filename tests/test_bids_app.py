@@ -377,25 +377,36 @@ def test_rerun_with_the_same_work_dir_recomputes_nothing(full_run, assets):
     assert deleted.is_file()  # the sinks always run, so a lost output comes back
 
 
-def test_a_failing_image_does_not_stop_the_others(assets, tmp_path, capsys):
+def test_failing_images_do_not_stop_the_others(assets, tmp_path, capsys):
+    import gzip
+
     bids = assets['factories']['bids'](
         tmp_path / 'bids',
         [('sub-01/anat/sub-01_T1w.nii.gz', (1.0, 1.0, 4.0)),
-         ('sub-02/anat/sub-02_T1w.nii.gz', (1.0, 1.0, 4.0))],
+         ('sub-02/anat/sub-02_T1w.nii.gz', (1.0, 1.0, 4.0)),
+         ('sub-03/anat/sub-03_T1w.nii.gz', (1.0, 1.0, 4.0))],
     )  # fmt: skip
-    broken = bids / 'sub-02' / 'anat' / 'sub-02_T1w.nii.gz'
-    broken.write_bytes(b'this is not a NIfTI file')
+    truncated = bids / 'sub-02' / 'anat' / 'sub-02_T1w.nii.gz'
+    raw = gzip.decompress(truncated.read_bytes())
+    truncated.write_bytes(gzip.compress(raw[: len(raw) // 2]))  # header fine, voxels cut
+    garbage = bids / 'sub-03' / 'anat' / 'sub-03_T1w.nii.gz'
+    garbage.write_bytes(b'this is not a NIfTI file')
     out = tmp_path / 'out'
     argv = _argv(assets, out, tmp_path / 'work', '--skip-registration', '--no-denoise')
     argv[0] = str(bids)
     assert run.main(argv) == 1
     err = capsys.readouterr().err
-    assert 'failures' in err and 'sub-02' in err
+    assert 'failures' in err
+    reasons = [line for line in err.splitlines() if line.startswith('  sub-')]
+    assert any('sub-02_T1w.nii.gz' in line for line in reasons), err
+    assert any('sub-03_T1w.nii.gz' in line for line in reasons), err
     assert (out / 'sub-01' / 'anat' / 'sub-01_desc-cahal_T1w.nii.gz').is_file()
+    assert not list((out / 'sub-02').rglob('*.nii.gz'))
+    assert not (out / 'sub-03').exists()
     crashes = list((out / 'sub-02' / 'log').rglob('crash-*'))
     assert crashes and 'sub-02_T1w.nii.gz' in crashes[0].read_text()
-    assert 'Errors' in (out / 'sub-02.html').read_text()
-    assert crashes[0].name in (out / 'sub-02.html').read_text()
+    page = (out / 'sub-02.html').read_text()
+    assert 'Errors' in page and crashes[0].name in page
 
 
 @pytest.mark.parametrize(
@@ -451,3 +462,53 @@ def test_run_configuration_is_saved_with_the_logs(full_run):
     assert config.sloppy is True and config.output_spaces is True
     assert sorted(config.zoos) == ['FLAIR', 'T1w']
     assert os.path.isabs(config.work_dir)
+
+
+def test_plugin_file_and_graph(assets, tmp_path):
+    plugin = tmp_path / 'plugin.yml'
+    plugin.write_text('plugin: Linear\nplugin_args: {}\n')
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    argv = _argv(assets, out, work, '--use-plugin', str(plugin), '--write-graph',
+                 '--skip-registration', '--no-denoise', '--participant-label', '02')  # fmt: skip
+    assert run.main(argv) == 0
+    assert list(work.rglob('graph*.dot'))
+    assert (out / 'sub-02' / 'ses-a' / 'anat' / 'sub-02_ses-a_desc-cahal_T1w.nii.gz').is_file()
+    assert not (out / 'sub-01').exists()
+    config = RunConfig.load(next((out / 'sub-02' / 'log').rglob('cahal-bids.toml')))
+    assert config.plugin_file == str(plugin.resolve())
+
+
+def test_bad_plugin_file_exits_2(assets, tmp_path, capsys):
+    plugin = tmp_path / 'plugin.yml'
+    plugin.write_text('- just a list\n')
+    argv = _argv(assets, tmp_path / 'out', tmp_path / 'work', '--use-plugin', str(plugin))
+    assert run.main(argv) == 2
+    assert 'plugin' in capsys.readouterr().err
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_real_clinical_flair_session(shared_data, assets, tmp_path, monkeypatch):
+    """One real thick-slice FLAIR session through the whole app, registered to the real
+    MNI152NLin2009cAsym read from an offline TemplateFlow home."""
+    import shutil
+
+    home = tmp_path / 'templateflow'
+    shutil.copytree(shared_data / 'templateflow', home)
+    monkeypatch.setenv('TEMPLATEFLOW_HOME', str(home))
+    out = tmp_path / 'out'
+    argv = [str(shared_data / 'lr-clinical'), str(out), 'participant', '-w', str(tmp_path / 'w'),
+            '--participant-label', 'p09', '--zoo', str(assets['flair_zoo']), '--sloppy',
+            '--no-denoise', '--nprocs', '2']  # fmt: skip
+    assert run.main(argv) == 0
+    anat = out / 'sub-p09' / 'ses-2' / 'anat'
+    source = nib.load(shared_data / 'lr-clinical/sub-p09/ses-2/anat/sub-p09_ses-2_FLAIR.nii.gz')
+    output = nib.load(anat / 'sub-p09_ses-2_desc-cahal_FLAIR.nii.gz')
+    grid = native_grid(source.shape, source.affine)
+    assert output.shape == grid.shape
+    np.testing.assert_allclose(output.affine, grid.affine, atol=1e-3)
+    registration = json.loads(
+        (anat / 'sub-p09_ses-2_from-FLAIR_to-MNI152NLin2009cAsym_mode-image_xfm.json').read_text()
+    )['Registration']
+    assert registration['similarity']['correlation'] > 0.3
+    assert (out / 'sub-p09.html').is_file()

@@ -336,6 +336,41 @@ def _crash_files(log_dir: Path) -> list[Path]:
     return sorted(log_dir.glob('crash-*')) if log_dir.is_dir() else []
 
 
+_EXCEPTION_LINE = re.compile(r'^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$')
+
+
+def crash_reason(crash_file: Path) -> str:
+    """The node and the innermost exception message of a Nipype crash file, on one line."""
+    try:
+        lines = crash_file.read_text(errors='replace').splitlines()
+    except OSError as error:
+        return f'unreadable crash file ({error})'
+    node = next((line[len('Node: ') :] for line in lines if line.startswith('Node: ')), '?')
+    messages = [
+        match.group(2) for match in map(_EXCEPTION_LINE.match, lines)
+        if match and 'NodeExecutionError' not in match.group(1)
+    ]  # fmt: skip
+    return f'{node.split(".")[-2] if "." in node else node}: {messages[-1] if messages else "?"}'
+
+
+def _screen_headers(images: dict) -> tuple[dict, list[tuple[str, str]]]:
+    """Drop images whose header cannot be used, with a one-line reason for each."""
+    from cahal_bids.errors import CahalError
+    from cahal_bids.nifti import load_header
+
+    kept: dict = {}
+    rejected: list[tuple[str, str]] = []
+    for subject, found in images.items():
+        for image in found:
+            try:
+                load_header(image.path)
+            except CahalError as error:
+                rejected.append((subject, ' '.join(str(error).split())))
+            else:
+                kept.setdefault(subject, []).append(image)
+    return kept, rejected
+
+
 def run_group(output_dir: Path) -> int:
     """Group level: ``group_summary.tsv`` and ``group.html`` from the participant outputs."""
     from cahal_bids.group import collect_group_rows, write_group_summary
@@ -453,6 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear rec
             modalities=config.modalities,
             filters=filters,
         )
+        images, rejected = _screen_headers(images)
         present = sorted({image.modality for found in images.values() for image in found})
         config.zoos, zoo_ids = _open_zoos(args.zoo, present)
         template_path = None
@@ -480,6 +516,11 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear rec
         log_dir = subject_log_dir(output_dir, subject, config.run_id)
         log_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(config_file, log_dir / 'cahal-bids.toml')
+    for subject, reason in rejected:
+        report_error(PROG, f'sub-{subject}: skipped: {reason}')
+    if not images:
+        report_error(PROG, 'no usable image left; nothing was processed')
+        return EXIT_FAILURE
     workflow = init_cahal_wf(config, images, zoo_ids=zoo_ids, template_file=template_path)
     if config.write_graph:
         _write_graph(workflow)
@@ -520,11 +561,14 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear rec
     if crashed_run is not None and not failures:
         report_error(PROG, f'the workflow failed: {crashed_run}')
         return EXIT_FAILURE
-    if failures:
+    if failures or rejected:
         print(f'{PROG}: failures:', file=sys.stderr)
+        for subject, reason in rejected:
+            print(f'  sub-{subject}: {reason}', file=sys.stderr)
         for subject, crashes in failures.items():
             for crash in crashes:
-                print(f'  sub-{subject}: {crash}', file=sys.stderr)
+                print(f'  sub-{subject}: {crash_reason(crash)}', file=sys.stderr)
+                print(f'    crash file: {crash}', file=sys.stderr)
         return EXIT_FAILURE
     print(f'{PROG}: done; derivatives in {output_dir}')
     return EXIT_OK
