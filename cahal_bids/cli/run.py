@@ -391,6 +391,8 @@ def run_group(output_dir: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear recipe
     args = build_parser().parse_args(argv)
+    # nothing is ever sent: keep Nipype's version check (a network call) off before import
+    os.environ.setdefault('NIPYPE_NO_ET', '1')
     from cahal_bids.bids import (
         BIDSInputError,
         check_output_dir,

@@ -14,7 +14,10 @@ from nipype.interfaces.base import (
     traits,
 )
 
-__all__ = ['DerivativesDataSink']
+__all__ = ['WORK_PATH_KEYS', 'DerivativesDataSink']
+
+WORK_PATH_KEYS = ('input', 'forward', 'inverse')
+"""Keys of node reports that hold work-folder paths, left out of derivative sidecars."""
 
 
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
@@ -76,7 +79,11 @@ class DerivativesDataSink(SimpleInterface):
         if self.inputs.write_sidecar:
             sidecar = dict(self.inputs.metadata or {})
             if self.inputs.meta_file:
-                sidecar[self.inputs.meta_key] = json.loads(Path(self.inputs.meta_file).read_text())
+                content = json.loads(Path(self.inputs.meta_file).read_text())
+                # paths into the work folder mean nothing once the run is over
+                for key in WORK_PATH_KEYS:
+                    content.pop(key, None)
+                sidecar[self.inputs.meta_key] = content
             meta = target.with_name(name[: -len(self.inputs.extension)] + '.json')
             write_json_atomic(meta, sidecar)
             self._results['out_meta'] = str(meta)
