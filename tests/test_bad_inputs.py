@@ -1,0 +1,216 @@
+"""A corpus of bad inputs (generated here, never stored) through ``cahal-enhance``.
+
+Every bad file gives a non-zero exit with one line on stderr that names the file and
+the problem, and leaves nothing behind in the output folder; sane oddities (links,
+spaces and non-ASCII names, a single-volume 4D image, an all-zero image) are processed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cahal_bids.cli import enhance
+from cahal_bids.errors import CahalError
+from cahal_bids.nifti import load_header, load_image
+from cahal_bids.routing import route
+
+LOW = (1.0, 1.0, 4.0)
+
+
+def _truncated(make_nifti, tmp_path):
+    path = make_nifti(shape=(12, 12, 6), zooms=LOW, name='truncated.nii.gz')
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    return path, 'truncated'
+
+
+def _not_gzip(make_nifti, tmp_path):
+    path = make_nifti(shape=(12, 12, 6), zooms=LOW, name='plain.nii')
+    target = tmp_path / 'not-gzip.nii.gz'
+    target.write_bytes(path.read_bytes())
+    return target, 'not a readable NIfTI'
+
+
+def _wrong_magic(make_nifti, tmp_path):
+    return make_nifti(zooms=LOW, name='magic.nii', header_edits={'magic': b'xyz'}), 'NIfTI'
+
+
+def _zero_bytes(make_nifti, tmp_path):
+    path = tmp_path / 'empty.nii.gz'
+    path.write_bytes(b'')
+    return path, 'empty'
+
+
+def _nan_voxels(make_nifti, tmp_path):
+    data = np.ones((12, 12, 6), dtype=np.float32)
+    data[3, 3, 3] = np.nan
+    return make_nifti(data=data, zooms=LOW, name='nan.nii.gz'), 'NaN'
+
+
+def _inf_voxels(make_nifti, tmp_path):
+    data = np.ones((12, 12, 6), dtype=np.float32)
+    data[0, 0, 0] = np.inf
+    return make_nifti(data=data, zooms=LOW, name='inf.nii.gz'), 'infinite'
+
+
+def _two_dimensional(make_nifti, tmp_path):
+    return make_nifti(shape=(12, 12), zooms=LOW, name='flat.nii.gz'), '2'
+
+
+def _several_volumes(make_nifti, tmp_path):
+    return make_nifti(shape=(12, 12, 6, 3), zooms=LOW, name='series.nii.gz'), 'volumes'
+
+
+def _five_dimensional(make_nifti, tmp_path):
+    return make_nifti(shape=(8, 8, 4, 1, 2), zooms=LOW, name='five.nii.gz'), '5D image'
+
+
+def _zero_voxel_size(make_nifti, tmp_path):
+    path = make_nifti(zooms=LOW, name='zero-size.nii.gz', qform_code=0,
+                      header_edits={'srow_z': np.zeros(4)})  # fmt: skip
+    return path, 'affine'
+
+
+def _nan_affine(make_nifti, tmp_path):
+    affine = np.diag([1.0, 1.0, 4.0, 1.0])
+    affine[0, 3] = np.nan
+    path = make_nifti(affine=np.diag([1.0, 1.0, 4.0, 1.0]), name='nan-affine.nii.gz',
+                      qform_code=0, header_edits={'srow_x': affine[0]})  # fmt: skip
+    return path, 'affine'
+
+
+def _singular_affine(make_nifti, tmp_path):
+    affine = np.array([[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 4, 0], [0, 0, 0, 1]])
+    return make_nifti(affine=affine, qform_code=0, name='singular.nii.gz'), 'singular'
+
+
+def _complex(make_nifti, tmp_path):
+    data = np.ones((8, 8, 4), dtype=np.complex64)
+    return make_nifti(data=data, zooms=LOW, dtype=np.complex64, name='complex.nii.gz'), 'complex'
+
+
+def _unreadable(make_nifti, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip('root reads any file')
+    path = make_nifti(zooms=LOW, name='locked.nii.gz')
+    path.chmod(0)
+    return path, 'permission'
+
+
+BAD = [
+    _truncated, _not_gzip, _wrong_magic, _zero_bytes, _nan_voxels, _inf_voxels,
+    _two_dimensional, _several_volumes, _five_dimensional, _zero_voxel_size, _nan_affine,
+    _singular_affine, _complex, _unreadable,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize('make_bad', BAD, ids=[f.__name__.strip('_') for f in BAD])
+def test_bad_input_fails_clearly_and_leaves_nothing(
+    make_bad, make_nifti, make_zoo, tmp_path, capsys
+):
+    zoo = make_zoo(levels=2, initial_filters=2)
+    path, words = make_bad(make_nifti, tmp_path)
+    out = tmp_path / 'out'
+    out.mkdir()
+    status = enhance.main([str(path), str(out / 'enhanced.nii.gz'), '--zoo', str(zoo)])
+    assert status != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert path.name in err
+    assert words.lower() in err.lower(), err
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize('name', ['with space.nii.gz', 'ñandú_é.nii.gz', 'link'])
+def test_odd_but_sane_inputs_are_processed(name, make_nifti, make_zoo, tmp_path):
+    zoo = make_zoo(levels=2, initial_filters=2)
+    if name == 'link':
+        target = make_nifti(shape=(12, 12, 4), zooms=LOW, name='target.nii.gz')
+        path = tmp_path / 'link.nii.gz'
+        path.symlink_to(target)
+    else:
+        path = make_nifti(shape=(12, 12, 4), zooms=LOW, name=name)
+    out = tmp_path / 'out' / f'{name.split(".")[0]} enhanced.nii.gz'
+    assert enhance.main([str(path), str(out), '--zoo', str(zoo)]) == 0
+    assert load_image(out).shape == (12, 12, 16)
+
+
+def test_all_zero_and_single_volume_4d_are_processed(make_nifti, make_zoo, tmp_path):
+    zoo = make_zoo(levels=2, initial_filters=2)
+    zero = make_nifti(data=np.zeros((12, 12, 4)), zooms=LOW, name='zero.nii.gz')
+    single = make_nifti(shape=(12, 12, 4, 1), zooms=LOW, name='single.nii.gz')
+    for path in (zero, single):
+        out = tmp_path / f'{path.name}-out.nii.gz'
+        assert enhance.main([str(path), str(out), '--zoo', str(zoo)]) == 0
+        assert np.all(np.isfinite(load_image(out).data))
+
+
+def test_read_only_output_folder_fails_clearly(make_nifti, make_zoo, tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip('root writes into read-only folders')
+    zoo = make_zoo(levels=2, initial_filters=2)
+    path = make_nifti(shape=(12, 12, 4), zooms=LOW)
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert enhance.main([str(path), str(locked / 'o.nii.gz'), '--zoo', str(zoo)]) == 1
+        assert 'locked' in capsys.readouterr().err
+    finally:
+        locked.chmod(0o755)
+
+
+def test_output_into_a_file_path_fails_clearly(make_nifti, make_zoo, tmp_path, capsys):
+    zoo = make_zoo(levels=2, initial_filters=2)
+    path = make_nifti(shape=(12, 12, 4), zooms=LOW)
+    blocker = tmp_path / 'blocker'
+    blocker.write_text('a file where a folder is needed')
+    status = enhance.main([str(path), str(blocker / 'o.nii.gz'), '--zoo', str(zoo)])
+    assert status != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'blocker' in err
+
+
+_FINITE_OR_NAN = st.one_of(st.floats(-1e6, 1e6), st.just(float('nan')))
+HEADER_FIELDS = st.fixed_dictionaries(
+    {
+        'pixdim': st.lists(
+            st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.just(0.0)),
+            min_size=8,
+            max_size=8,
+        ),
+        'qform_code': st.integers(-5, 5),
+        'sform_code': st.integers(-5, 5),
+        'srow_x': st.lists(_FINITE_OR_NAN, min_size=4, max_size=4),
+        'srow_z': st.lists(_FINITE_OR_NAN, min_size=4, max_size=4),
+        'quatern_b': st.one_of(st.floats(-2, 2), st.just(float('nan'))),
+        'scl_slope': st.floats(allow_nan=True, allow_infinity=True),
+    }
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(fields=HEADER_FIELDS)
+def test_fuzzed_headers_load_or_fail_with_a_cahal_error(fields, make_nifti, patch_header):
+    path = make_nifti(shape=(6, 6, 3), zooms=LOW, name='fuzz.nii')
+    patch_header(path, **{k: np.asarray(v) for k, v in fields.items()})
+    try:
+        header = load_header(path)
+        image = load_image(path)
+    except CahalError as error:
+        assert str(path) in str(error) or path.name in str(error)
+        return
+    assert np.all(np.isfinite(image.data))
+    decision = route(header.voxel_sizes)
+    assert decision.skip or decision.cell is not None
