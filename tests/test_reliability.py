@@ -185,3 +185,36 @@ def test_runs_without_any_network_access(assets, tmp_path):
         env=env,
     )  # fmt: skip
     assert enhance.returncode == 0, enhance.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_dependency_audit():
+    """pip-audit over the installed environment; skipped, saying why, when its
+    vulnerability service cannot be reached (as on the offline development machine)."""
+    import shutil
+
+    executable = shutil.which('pip-audit', path=str(Path(sys.executable).parent))
+    if executable is None:
+        pytest.skip('pip-audit is not installed (pip install -e .[dev])')
+    try:
+        result = _run(
+            [executable, '--vulnerability-service', 'pypi', '--progress-spinner', 'off',
+             '--skip-editable', '--format', 'json'],
+            timeout=180,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.skip('pip-audit: the vulnerability service did not answer within 180 s')
+    try:
+        report = json.loads(result.stdout)
+    except ValueError:
+        pytest.skip(f'pip-audit could not run: {result.stderr.strip()[-300:]}')
+    dependencies = report.get('dependencies', [])
+    audited = [entry for entry in dependencies if 'skip_reason' not in entry]
+    if not audited:
+        pytest.skip('pip-audit: the vulnerability service is unreachable; nothing was audited')
+    vulnerable = {
+        entry['name']: [v['id'] for v in entry.get('vulns', [])]
+        for entry in audited
+        if entry.get('vulns')
+    }
+    assert vulnerable == {}, f'known vulnerabilities (fix or document them): {vulnerable}'
