@@ -32,7 +32,7 @@ def memory_gb(text: str) -> float:
     """``argparse`` type for ``--mem``: megabytes by default, or with a K/M/G/T suffix.
 
     >>> memory_gb('8000'), memory_gb('8G'), memory_gb('16GB'), memory_gb('512m')
-    (8.0, 8.0, 16.0, 0.5)
+    (8.0, 8.0, 16.0, 0.512)
     """
     match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([kmgt]?)b?\s*', text, flags=re.IGNORECASE)
     if not match or float(match.group(1)) <= 0:
