@@ -122,6 +122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     tables = markdown_tables(summary)
     (args.out / 'tables.md').write_text(tables)
+    from cahal_bids.evaluation_report import write_evaluation_report
+
+    write_evaluation_report(
+        args.out,
+        [case.as_dict() for case in cases],
+        tables=tables,
+        title=f'cahal-eval: {zoo.name} {zoo.version} ({args.modality})',
+    )
     if not args.quiet:
         print(tables)
     print(f'{PROG}: results in {args.out}', file=sys.stderr)
