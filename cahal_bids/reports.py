@@ -157,9 +157,13 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1, h2, h3 { font-weight: 600; } table { border-collapse: collapse; margin: 0.5em 0; }
 td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+td { overflow-wrap: anywhere; }
 img { max-width: 100%; } .error { color: #a00; white-space: pre-wrap; }
 .ok { color: #070; } .muted { color: #666; } pre { background: #f4f4f4; padding: 0.6em; }
 """
+
+_VIEWPORT = '<meta name="viewport" content="width=device-width, initial-scale=1">'
+"""Lay the page out at the window's width (laptops, tablets) instead of a zoomed-out 980 px."""
 
 
 def _table(rows: Sequence[tuple[str, Any]]) -> str:
@@ -271,7 +275,7 @@ def write_subject_report(
         errors = '<h2>Errors</h2><p class="ok">No errors to report.</p>'
     info_rows = list((run_info or {}).items())
     page = (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{_VIEWPORT}'
         f'<title>cahal-bids: sub-{html.escape(subject)}</title><style>{_STYLE}</style></head>'
         f'<body><h1>cahal-bids report: sub-{html.escape(subject)}</h1>'
         f'{_table(info_rows) if info_rows else ""}'
@@ -302,7 +306,7 @@ def write_group_report(
                 cells.append(f'<td>{html.escape(str(value))}</td>')
         body.append(f'<tr>{"".join(cells)}</tr>')
     page = (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{_VIEWPORT}'
         f'<title>cahal-bids: group</title><style>{_STYLE}</style></head><body>'
         f'<h1>cahal-bids group summary</h1><p>{len(rows)} image(s).</p>'
         f'<table><tr>{head}</tr>{"".join(body)}</table></body></html>\n'
