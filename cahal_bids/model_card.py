@@ -1,0 +1,136 @@
+"""Model cards: what a shipped zoo is, how it was trained, how well it did, whose data it used.
+
+The card is rendered from the zoo's manifest and a ``cahal-eval`` run (its
+``cases.json`` and ``tables.md``), so every figure in it is a measured one and the
+commands that produced it are printed beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cahal_bids.atomic import write_text_atomic
+
+__all__ = ['render_model_card', 'write_model_card']
+
+
+def _mean_by_method(cases: Sequence[Mapping[str, Any]], metric: str) -> dict[str, float]:
+    values: dict[str, list[float]] = {}
+    for case in cases:
+        if math.isfinite(case[metric]):
+            values.setdefault(case['method'], []).append(case[metric])
+    return {method: float(np.mean(found)) for method, found in values.items()}
+
+
+def render_model_card(
+    manifest: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    tables: str,
+    *,
+    commands: Sequence[str],
+    data_credits: Sequence[str],
+    notes: Sequence[str] = (),
+) -> str:
+    """Markdown model card for a zoo ``manifest`` validated by ``evaluation`` (cases.json)."""
+    training = manifest.get('training', {})
+    experts = manifest.get('experts', {})
+    cases = evaluation.get('cases', [])
+    lines = [
+        f'# Model card: {manifest["name"]} {manifest["version"]} ({manifest["modality"]})',
+        '',
+        '## What it is',
+        '',
+        f'A CAHAL expert zoo for {manifest["modality"]} images: {len(experts)} residual 3D '
+        'U-Net experts, one per cell of the routing grid (voxel volume x anisotropy), each '
+        'adding a correction to the trilinear resampling of a low-resolution image onto its '
+        'native 1 mm grid. Architecture: '
+        f'`{json.dumps(manifest.get("architecture", {}).get("config", {}), sort_keys=True)}`'
+        + (
+            f', {training["parameters_per_expert"]:,} parameters per expert.'
+            if 'parameters_per_expert' in training
+            else '.'
+        ),
+        '',
+        'Intended use: thick-slice or low-resolution clinical brain MRI of the modality above, '
+        "to obtain a 1 mm image in the patient's native space for visual reading and for "
+        'downstream segmentation. It is not a diagnostic device; it restores detail that the '
+        'training data taught it to expect and can miss or soften what it has not seen.',
+        '',
+        '## Training',
+        '',
+    ]
+    if training:
+        lines += [
+            f'- data: {len(training.get("data", []))} prepared volumes (see the credits below)',
+            f'- generalist: {training.get("generalist_steps")} steps (warm start: '
+            f'{training.get("warm_start") or "none"}), then each expert '
+            f'{training.get("steps_per_expert")} steps along the curriculum',
+            f'- patches {training.get("patch_size")}^3, batch {training.get("batch_size")}, '
+            f'learning rate {training.get("learning_rate")} ({training.get("lr_schedule")}), '
+            f'fine-tuning {training.get("fine_tune_learning_rate")}',
+            f'- loss: edge-weighted MAE + {training.get("fft_weight")} x Fourier'
+            + (
+                f' + {training.get("seg_weight")} x (1 - Dice) of the frozen segmenter'
+                if training.get('seg_weight')
+                else ' (no semantic term: the segmenter was not used)'
+            ),
+            f'- hardware: {training.get("device")} ({training.get("hardware")}, '
+            f'{training.get("torch_threads")} threads), '
+            f'{training.get("training_seconds", 0) / 3600:.1f} h of training in total',
+            '',
+        ]
+    else:
+        lines += ['The manifest carries no training record.', '']
+    means = _mean_by_method(cases, 'psnr')
+    lines += [
+        '## Validation',
+        '',
+        f'Inputs: {", ".join(Path(p).name for p in evaluation.get("inputs", []))}; '
+        f'{evaluation.get("realizations")} simulated acquisition(s) per cell (seed '
+        f"{evaluation.get('seed')}), degraded with the project's physics model; PSNR inside "
+        'the head mask. Mean PSNR over all cases: '
+        + ', '.join(f'{method} {value:.2f} dB' for method, value in means.items())
+        + '.',
+        '',
+        tables.strip(),
+        '',
+        'Reproduce:',
+        '',
+        '```bash',
+        *commands,
+        '```',
+        '',
+    ]
+    if notes:
+        lines += ['## Limitations', '', *[f'- {note}' for note in notes], '']
+    lines += ['## Data credits', '', *[f'- {credit}' for credit in data_credits], '']
+    return '\n'.join(lines)
+
+
+def write_model_card(
+    zoo_dir: str | os.PathLike[str],
+    evaluation_dir: str | os.PathLike[str],
+    *,
+    commands: Sequence[str],
+    data_credits: Sequence[str],
+    notes: Sequence[str] = (),
+) -> Path:
+    """Write ``MODEL_CARD.md`` into ``zoo_dir`` from its manifest and an evaluation folder."""
+    zoo = Path(zoo_dir)
+    evaluation = Path(evaluation_dir)
+    card = render_model_card(
+        json.loads((zoo / 'manifest.json').read_text()),
+        json.loads((evaluation / 'cases.json').read_text()),
+        (evaluation / 'tables.md').read_text(),
+        commands=commands,
+        data_credits=data_credits,
+        notes=notes,
+    )
+    return write_text_atomic(zoo / 'MODEL_CARD.md', card)

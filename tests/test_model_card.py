@@ -1,0 +1,34 @@
+"""Model cards are rendered from a manifest and an evaluation run."""
+
+from __future__ import annotations
+
+import json
+
+from cahal_bids.model_card import write_model_card
+
+
+def test_model_card_reports_the_measured_figures(tmp_path, make_zoo):
+    zoo = make_zoo(cells=['V1A3', 'V4A1'])
+    evaluation = tmp_path / 'eval'
+    evaluation.mkdir()
+    cases = [
+        {'method': 'trilinear', 'psnr': 30.0, 'cell': 'V1A3'},
+        {'method': 'cahal', 'psnr': 31.5, 'cell': 'V1A3'},
+        {'method': 'cahal', 'psnr': float('inf'), 'cell': 'V4A1'},
+    ]
+    (evaluation / 'cases.json').write_text(
+        json.dumps(
+            {'inputs': ['/x/sub-stroke01_T1w'], 'realizations': 2, 'seed': 0, 'cases': cases}
+        )  # fmt: skip
+    )
+    (evaluation / 'tables.md').write_text('| PSNR | overall |\n| --- | ---: |\n| cahal | 31.5 |\n')
+    path = write_model_card(
+        zoo, evaluation, commands=['cahal-eval X --zoo Z --out E'],
+        data_credits=['sub-x: MIT'], notes=['tiny'],
+    )  # fmt: skip
+    card = path.read_text()
+    assert path.name == 'MODEL_CARD.md'
+    assert 'test-zoo 0.0.0 (T1w)' in card and '2 residual 3D U-Net experts' in card
+    assert 'trilinear 30.00 dB, cahal 31.50 dB' in card
+    assert 'cahal-eval X --zoo Z --out E' in card and '- sub-x: MIT' in card
+    assert 'sub-stroke01_T1w' in card and '| cahal | 31.5 |' in card
