@@ -44,3 +44,37 @@ def test_enhance_wf_embeds_in_a_host_workflow(tmp_path, make_nifti, test_zoo):
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'shape (16, 14, 20), voxel sizes 1x1x1 mm' in result.stdout
     assert list((tmp_path / 'work' / 'host_wf' / 'cahal_enhance_wf').glob('denoise/*.nii.gz'))
+
+
+def test_export_checkpoint_zoo_recipe(tmp_path):
+    import numpy as np
+    import torch
+
+    from cahal_bids.acquisition import CellSampler
+    from cahal_bids.networks import ResidualUNet3D
+    from cahal_bids.pairs import PairStream, TrainingVolume
+    from cahal_bids.training import TrainingSchedule, fit
+    from cahal_bids.zoo import Zoo
+
+    def l1(prediction, target):
+        loss = (prediction - target).abs().mean()
+        return loss, {'l1': float(loss.detach())}
+
+    image = np.random.default_rng(0).random((20, 20, 20)).astype(np.float32)
+    stream = PairStream([TrainingVolume(image=image, head_mask=image > 0.1, name='x')],
+                        CellSampler('V2A3'), patch_size=8, batch_size=1, seed=0)  # fmt: skip
+    network = ResidualUNet3D(levels=2, initial_filters=2)
+    fit(network, stream, l1, run_dir=tmp_path / 'run', schedule=TrainingSchedule(max_steps=1),
+        progress=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(RECIPES / 'export_checkpoint_zoo.py'), str(tmp_path / 'run'),
+         str(tmp_path / 'zoo'), '--modality', 'FLAIR', '--name', 'g', '--levels', '2',
+         '--filters', '2'],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    zoo = Zoo.open(tmp_path / 'zoo')
+    assert zoo.modality == 'FLAIR' and zoo.trained_cells == {'V1A3'}
+    exported = zoo.load_state_dict('V1A3')
+    for key, value in network.state_dict().items():
+        assert torch.equal(exported[key], value), key
