@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from cahal_bids.zoo import ExpertChoice, Zoo
 
 PRECISIONS = ('fp32', 'bf16')
+OUTPUT_COPIES = 6
+"""Float32 volumes of the output grid alive at once outside the network (RAS copies,
+normalised input, upsampled input, output, reoriented output): the memory a restore
+needs besides the expert's own, which tiling bounds."""
 
 __all__ = [
     'PRECISIONS',
@@ -201,6 +205,19 @@ class Enhancer:
                 margin=max(margin, 0),
             )
 
+    def _check_output_fits(self, shape: tuple[int, int, int]) -> None:
+        """Refuse an output grid whose few float32 copies cannot be held in memory."""
+        from cahal_bids.tiling import available_memory_bytes
+
+        voxels = int(np.prod(shape))
+        needed = voxels * 4 * OUTPUT_COPIES
+        available = available_memory_bytes('cpu')
+        if needed > available:
+            raise CahalError(
+                f'the 1 mm output grid {list(shape)} ({voxels} voxels) needs about '
+                f'{needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB of memory is available'
+            )
+
     def restore(
         self, data: np.ndarray, affine: np.ndarray, decision: Route
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -214,8 +231,9 @@ class Enhancer:
         if decision.cell is None:
             raise ValueError('restore() needs a routed (not skipped) image')
         choice = self.zoo.choose(decision.cell)
-        network = self.expert(choice)
         grid = native_grid(data.shape, affine)
+        self._check_output_fits(grid.shape)
+        network = self.expert(choice)
         reorientation = Reorientation.from_affine(affine, data.shape)
         ras = reorientation.to_ras(np.ascontiguousarray(data, dtype=np.float32))
         scaler = RobustScale.from_config(self.zoo.normalization, ras)

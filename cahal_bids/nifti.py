@@ -317,6 +317,35 @@ def load_header(path: str | PathLike[str]) -> LoadedHeader:
     return _open(path)[1]
 
 
+def _available_memory_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (None where it cannot be read)."""
+    try:
+        with open('/proc/meminfo') as handle:
+            for line in handle:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_fits_in_memory(loaded: LoadedHeader) -> None:
+    """Refuse, from the header alone, an image whose voxels cannot be held in memory.
+
+    Reading needs the file's own values and their float32 copy; half of the available
+    memory is the most one image may take, so the machine is never driven out of memory.
+    """
+    voxels = int(np.prod(loaded.shape))
+    needed = voxels * (4 + np.dtype(loaded.source_dtype).itemsize)
+    available = _available_memory_bytes()
+    if available is not None and needed > available // 2:
+        raise InvalidImageError(
+            loaded.path,
+            f'too large: {voxels} voxels need about {needed / 2**30:.1f} GiB to read, '
+            f'{available / 2**30:.1f} GiB of memory is available',
+        )
+
+
 def load_image(path: str | PathLike[str]) -> LoadedImage:
     """Load and validate a 3D NIfTI-1/NIfTI-2 image as float32 (see :class:`LoadedImage`).
 
@@ -324,6 +353,7 @@ def load_image(path: str | PathLike[str]) -> LoadedImage:
     image that cannot be used as it is.
     """
     image, loaded = _open(path)
+    _check_fits_in_memory(loaded)
     try:
         data = np.asanyarray(image.dataobj, dtype=np.float32)
     except _READ_ERRORS as exc:

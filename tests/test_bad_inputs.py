@@ -213,3 +213,18 @@ def test_fuzzed_headers_load_or_fail_with_a_cahal_error(fields, make_nifti, patc
     assert np.all(np.isfinite(image.data))
     decision = route(header.voxel_sizes)
     assert decision.skip or decision.cell is not None
+
+
+def test_images_too_large_for_memory_are_refused_from_the_header(make_nifti, make_zoo, capsys):
+    zoo = make_zoo(levels=2, initial_filters=2)
+    huge = make_nifti(shape=(8, 8, 4), zooms=LOW, name='huge.nii.gz',
+                      header_edits={'dim': [3, 4000, 4000, 4000, 1, 1, 1, 1]})  # fmt: skip
+    with pytest.raises(CahalError, match='too large'):
+        load_image(huge)
+    # a small file whose voxels are 1 m thick would ask for an absurd 1 mm output grid
+    wide = make_nifti(shape=(8, 8, 4), zooms=(1000.0, 1000.0, 1000.0), name='wide.nii.gz')
+    out = wide.parent / 'wide-out.nii.gz'
+    assert enhance.main([str(wide), str(out), '--zoo', str(zoo)]) == 1
+    err = capsys.readouterr().err
+    assert 'output grid' in err and 'GiB' in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -512,3 +512,13 @@ def test_real_clinical_flair_session(shared_data, assets, tmp_path, monkeypatch)
     )['Registration']
     assert registration['similarity']['correlation'] > 0.3
     assert (out / 'sub-p09.html').is_file()
+
+
+@pytest.mark.parametrize('label', ['../../etc', 'sub-../x', '01/../../02'])
+def test_labels_cannot_escape_the_output_folder(assets, tmp_path, capsys, label):
+    out = tmp_path / 'out'
+    argv = _argv(assets, out, tmp_path / 'work', '--participant-label', label)
+    assert run.main(argv) == 2
+    assert 'not found' in capsys.readouterr().err
+    assert not out.exists()
+    assert not list(tmp_path.parent.glob('etc*'))
