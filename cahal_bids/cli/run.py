@@ -8,7 +8,6 @@ processed; the failures and their crash files are listed); 2 usage or input erro
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
 import shutil
@@ -318,18 +317,15 @@ def _configure_nipype(config, work_dir: Path) -> None:
                 'create_report': True,
             },
             'logging': {
-                'workflow_level': 'DEBUG' if config.verbosity > 1 else 'INFO',
-                'interface_level': 'INFO' if config.verbosity > 1 else 'WARNING',
+                # nodes run in other processes and take these levels with them
+                'workflow_level': ('WARNING', 'INFO', 'DEBUG')[min(config.verbosity, 2)],
+                'interface_level': ('WARNING', 'WARNING', 'INFO')[min(config.verbosity, 2)],
                 'log_directory': str(work_dir),
                 'log_to_file': True,
             },
         }
     )
     nipype_logging.update_logging(nipype_config)
-    # as fMRIPrep: level 25 by default (node failures, not every scheduler poll); -v 20, -vv 15
-    level = max(25 - 5 * config.verbosity, logging.DEBUG)
-    for name in ('nipype.workflow', 'nipype.interface', 'nipype.utils'):
-        logging.getLogger(name).setLevel(level)
 
 
 def _crash_files(log_dir: Path) -> list[Path]:
