@@ -301,31 +301,44 @@ def _plugin_settings(args: argparse.Namespace, config) -> tuple[str, dict]:
     return 'MultiProc', plugin_args
 
 
-def _configure_nipype(config, work_dir: Path) -> None:
+def _configure_nipype(config, work_dir: Path) -> str | None:
+    """Configure Nipype for this run; returns the previous ``NIPYPE_CONFIG_DIR``."""
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
-    nipype_config.update_config(
-        {
-            'execution': {
-                'crashfile_format': 'txt',
-                'stop_on_first_crash': config.stop_on_first_crash,
-                'hash_method': 'content',
-                'remove_unnecessary_outputs': False,
-                'check_version': False,
-                'poll_sleep_duration': 0.5,
-                'create_report': True,
-            },
-            'logging': {
-                # nodes run in other processes and take these levels with them
-                'workflow_level': ('WARNING', 'INFO', 'DEBUG')[min(config.verbosity, 2)],
-                'interface_level': ('WARNING', 'WARNING', 'INFO')[min(config.verbosity, 2)],
-                'log_directory': str(work_dir),
-                'log_to_file': True,
-            },
-        }
-    )
+    from cahal_bids.atomic import write_text_atomic
+
+    settings = {
+        'execution': {
+            'crashfile_format': 'txt',
+            'stop_on_first_crash': config.stop_on_first_crash,
+            'hash_method': 'content',
+            'remove_unnecessary_outputs': False,
+            'check_version': False,
+            'poll_sleep_duration': 0.5,
+            'create_report': True,
+        },
+        'logging': {
+            'workflow_level': ('WARNING', 'INFO', 'DEBUG')[min(config.verbosity, 2)],
+            'interface_level': ('WARNING', 'WARNING', 'INFO')[min(config.verbosity, 2)],
+            'log_directory': str(work_dir),
+            'log_to_file': True,
+        },
+    }
+    nipype_config.update_config(settings)
     nipype_logging.update_logging(nipype_config)
+    # MultiProc's worker processes read Nipype's configuration afresh from
+    # NIPYPE_CONFIG_DIR: give them the same settings (log levels included)
+    folder = work_dir / 'nipype-config'
+    lines = []
+    for section, values in settings.items():
+        lines.append(f'[{section}]')
+        lines += [f'{key} = {str(value).lower() if isinstance(value, bool) else value}'
+                  for key, value in values.items()]  # fmt: skip
+    write_text_atomic(folder / 'nipype.cfg', '\n'.join(lines) + '\n')
+    previous = os.environ.get('NIPYPE_CONFIG_DIR')
+    os.environ['NIPYPE_CONFIG_DIR'] = str(folder)
+    return previous
 
 
 def _crash_files(log_dir: Path) -> list[Path]:
@@ -501,9 +514,14 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear rec
 
     from cahal_bids.workflows.base import init_cahal_wf, subject_log_dir
 
+    for subject, reason in rejected:
+        report_error(PROG, f'sub-{subject}: skipped: {reason}')
+    if not images:
+        report_error(PROG, 'no usable image left; nothing was processed')
+        return EXIT_FAILURE
     work_dir.mkdir(parents=True, exist_ok=True)
     config_file = config.save(work_dir / f'config-{config.run_id}.toml')
-    _configure_nipype(config, work_dir)
+    previous_config_dir = _configure_nipype(config, work_dir)
     write_dataset_description(
         output_dir, bids_dir=bids_dir, container=container_from_environment()
     )
@@ -514,11 +532,6 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear rec
         log_dir = subject_log_dir(output_dir, subject, config.run_id)
         log_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(config_file, log_dir / 'cahal-bids.toml')
-    for subject, reason in rejected:
-        report_error(PROG, f'sub-{subject}: skipped: {reason}')
-    if not images:
-        report_error(PROG, 'no usable image left; nothing was processed')
-        return EXIT_FAILURE
     workflow = init_cahal_wf(config, images, zoo_ids=zoo_ids, template_file=template_path)
     if config.write_graph:
         _write_graph(workflow)
@@ -533,6 +546,11 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear rec
         workflow.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as error:  # Nipype: some nodes failed, the others finished
         crashed_run = error
+    finally:
+        if previous_config_dir is None:
+            os.environ.pop('NIPYPE_CONFIG_DIR', None)
+        else:
+            os.environ['NIPYPE_CONFIG_DIR'] = previous_config_dir
     from cahal_bids.reports import write_subject_report
 
     failures: dict[str, list[Path]] = {}
