@@ -228,3 +228,37 @@ def test_images_too_large_for_memory_are_refused_from_the_header(make_nifti, mak
     err = capsys.readouterr().err
     assert 'output grid' in err and 'GiB' in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs (root only): writes of more than that fail with ENOSPC."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / 'full'
+    folder.mkdir()
+    if os.geteuid() != 0 or shutil.which('mount') is None:
+        pytest.skip('mounting a small tmpfs needs root')
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', str(folder)],
+                             capture_output=True, text=True, check=False)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f'cannot mount a tmpfs here: {mounted.stderr.strip()}')
+    try:
+        yield folder
+    finally:
+        subprocess.run(['umount', str(folder)], check=False)
+
+
+def test_a_full_output_disk_fails_clearly_and_leaves_nothing(
+    full_disk, make_nifti, make_zoo, capsys
+):
+    zoo = make_zoo(levels=2, initial_filters=2)
+    data = np.random.default_rng(0).random((64, 64, 16)).astype(np.float32)
+    path = make_nifti(data=data, zooms=LOW, name='big.nii.gz')  # 1 mm output: ~1 MiB
+    status = enhance.main([str(path), str(full_disk / 'out.nii.gz'), '--zoo', str(zoo)])
+    assert status == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'out.nii.gz' in err, err
+    assert 'space' in err.lower(), err
+    assert list(full_disk.iterdir()) == []

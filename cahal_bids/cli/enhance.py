@@ -188,7 +188,12 @@ def _enhance(args) -> int:
     except ZooError as error:
         report_error(PROG, str(error))
         return EXIT_FAILURE
-    except (CahalError, OSError, MemoryError) as error:
+    except OSError as error:  # writing: a full disk, a read-only or missing folder, ...
+        target = error.filename if error.filename else args.output
+        report_error(PROG, f'{args.output}: cannot write the output ({error.strerror or error})'
+                     + ('' if str(target) == str(args.output) else f' at {target}'))  # fmt: skip
+        return EXIT_FAILURE
+    except (CahalError, MemoryError) as error:
         report_error(
             PROG, f'{args.input}: {error}' if str(args.input) not in str(error) else str(error)
         )
