@@ -103,7 +103,9 @@ def cubic_bspline(
     return out.astype(np.float32)
 
 
-def _cahal_method(enhancer: Enhancer) -> Method:
+def cahal_method(enhancer: Enhancer) -> Method:
+    """CAHAL as an evaluation method: route the simulated resolution, restore, crop."""
+
     def method(low, affine, resolution, shape):
         decision = route(resolution)
         restored, _, _ = enhancer.restore(low, affine, decision)
@@ -203,7 +205,7 @@ def evaluate_volume(
     data_range = float(truth[mask].max() - truth[mask].min())
     methods: dict[str, Method] = {'trilinear': trilinear, 'cubic': cubic_bspline}
     if enhancer is not None:
-        methods['cahal'] = _cahal_method(enhancer)
+        methods['cahal'] = cahal_method(enhancer)
     methods.update(extra_methods or {})
     cases: list[EvaluationCase] = []
     shape = tuple(int(n) for n in truth.shape)
