@@ -47,7 +47,7 @@ class RunConfig:
     mem_gb: float = 0.0
     plugin_file: str = ''
     device: str = 'auto'
-    precision: str = 'fp32'
+    precision: str = 'auto'
     zoos: dict[str, str] = field(default_factory=dict)
     denoise: bool = True
     skip_registration: bool = False

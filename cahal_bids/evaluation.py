@@ -18,6 +18,13 @@ K1 = 0.01, K2 = 0.03 with the same data range) averaged over the mask, Pearson
 correlation, and data consistency: the estimate acquired again with the same
 triplet, compared with the acquired image (RMSE over low-resolution voxels at
 least half inside the head, in units of the data range).
+
+With a frozen tissue segmenter ``S`` (:mod:`cahal_bids.segmenter`), each estimate is
+also segmented and compared with ``S`` on the truth, inside the head mask: Dice of
+CSF, grey and white matter, and the signed relative volume error of each class
+((volume in the estimate - volume in the truth) / volume in the truth).
+:func:`volumetric_bias` then gives each method's mean relative volume error per class
+with its 95 % confidence interval.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -35,6 +42,7 @@ from cahal_bids.routing import CELLS, VOLUME_BINS, route
 
 if TYPE_CHECKING:
     from cahal_bids.inference import Enhancer
+    from cahal_bids.segmenter import TissueSegmenter
 
 __all__ = [
     'EvaluationCase',
@@ -43,16 +51,34 @@ __all__ = [
     'data_consistency',
     'evaluate_volume',
     'markdown_tables',
+    'mean_dice',
     'pearson',
     'psnr',
     'ssim',
     'summarize',
+    'tissue_measures',
     'trilinear',
+    'volumetric_bias',
+    'volumetric_bias_table',
 ]
 
 Method = Callable[
     [np.ndarray, np.ndarray, tuple[float, float, float], tuple[int, int, int]], np.ndarray
 ]
+
+
+class EstimatesHook(Protocol):
+    """Called once per simulated acquisition with the truth and every method's estimate."""
+
+    def __call__(
+        self,
+        *,
+        cell: str,
+        realization: int,
+        resolution: tuple[float, float, float],
+        truth: np.ndarray,
+        estimates: dict[str, np.ndarray],
+    ) -> None: ...
 
 
 def acquire(
@@ -182,9 +208,47 @@ class EvaluationCase:
     pearson: float
     data_consistency: float
     seconds: float
+    dice: dict[str, float] | None = None
+    """Dice of ``S`` on the estimate against ``S`` on the truth, per tissue class."""
+    volume_error: dict[str, float] | None = None
+    """Signed relative volume error per tissue class (``S`` on estimate vs on truth)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _class_names(segmenter: TissueSegmenter) -> tuple[str, ...]:
+    from cahal_bids.segmenter import DEFAULT_CLASS_NAMES
+
+    names = tuple(getattr(segmenter, 'class_names', ()) or ())
+    if len(names) == segmenter.n_classes:
+        return names
+    if segmenter.n_classes == len(DEFAULT_CLASS_NAMES):
+        return DEFAULT_CLASS_NAMES
+    return tuple(f'class_{index}' for index in range(segmenter.n_classes))
+
+
+def tissue_measures(
+    truth_labels: np.ndarray,
+    estimate_labels: np.ndarray,
+    mask: np.ndarray,
+    class_names: Sequence[str],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(Dice, signed relative volume error) of each tissue class (label >= 1) in ``mask``."""
+    truth_in, estimate_in = truth_labels[mask], estimate_labels[mask]
+    dice: dict[str, float] = {}
+    volume_error: dict[str, float] = {}
+    for label, name in enumerate(class_names):
+        if label == 0:
+            continue
+        in_truth, in_estimate = truth_in == label, estimate_in == label
+        truth_count, estimate_count = int(in_truth.sum()), int(in_estimate.sum())
+        if truth_count == 0:
+            continue
+        overlap = int(np.logical_and(in_truth, in_estimate).sum())
+        dice[name] = 2.0 * overlap / (truth_count + estimate_count)
+        volume_error[name] = (estimate_count - truth_count) / truth_count
+    return dice, volume_error
 
 
 def evaluate_volume(
@@ -199,25 +263,49 @@ def evaluate_volume(
     seed: int = 0,
     extra_methods: dict[str, Method] | None = None,
     progress: Callable[[str], None] | None = None,
+    segmenter: TissueSegmenter | None = None,
+    on_estimates: EstimatesHook | None = None,
 ) -> list[EvaluationCase]:
-    """Run the protocol on one prepared ground truth; returns every case."""
+    """Run the protocol on one prepared ground truth; returns every case.
+
+    Seeds depend on the cell's place in the full grid, not in ``cells``, so running
+    the cells one at a time (as a resumable run does) gives the same cases.
+    """
     mask = head_mask.astype(bool)
     data_range = float(truth[mask].max() - truth[mask].min())
     methods: dict[str, Method] = {'trilinear': trilinear, 'cubic': cubic_bspline}
     if enhancer is not None:
         methods['cahal'] = cahal_method(enhancer)
     methods.update(extra_methods or {})
+    truth_labels = None
+    if segmenter is not None:
+        from cahal_bids.segmenter import segment_volume
+
+        truth_labels = segment_volume(segmenter, truth)
     cases: list[EvaluationCase] = []
     shape = tuple(int(n) for n in truth.shape)
-    for cell_index, cell in enumerate(cells):
+    for cell in cells:
+        cell_index = CELLS.index(cell)
         for realization in range(realizations):
             case_seed = seed * 100_003 + cell_index * 101 + realization
             resolution = sample_in_cell(cell, np.random.default_rng(case_seed))
             low, low_affine = acquire(truth, affine, resolution)
+            estimates: dict[str, np.ndarray] = {}
             for name, method in methods.items():
                 started = time.perf_counter()
                 estimate = method(low, low_affine, resolution, shape)  # type: ignore[arg-type]
                 seconds = time.perf_counter() - started
+                estimates[name] = estimate
+                dice = volume_error = None
+                if segmenter is not None and truth_labels is not None:
+                    from cahal_bids.segmenter import segment_volume
+
+                    dice, volume_error = tissue_measures(
+                        truth_labels,
+                        segment_volume(segmenter, estimate),
+                        mask,
+                        _class_names(segmenter),
+                    )
                 cases.append(
                     EvaluationCase(
                         subject=subject,
@@ -235,7 +323,17 @@ def evaluate_volume(
                             estimate, low, mask, resolution, data_range
                         ),
                         seconds=seconds,
+                        dice=dice,
+                        volume_error=volume_error,
                     )
+                )
+            if on_estimates is not None:
+                on_estimates(
+                    cell=cell,
+                    realization=realization,
+                    resolution=resolution,
+                    truth=truth,
+                    estimates=estimates,
                 )
             if progress is not None:
                 progress(f'{subject} {cell} #{realization + 1}')
@@ -319,10 +417,91 @@ def markdown_tables(summary: dict[str, Any]) -> str:
     lines.append('| cell | ' + ' | '.join(methods) + ' | gain vs reference |')
     lines.append('| --- |' + ' ---: |' * (len(methods) + 1))
     reference = summary['reference']
+    shown = 'cahal' if 'cahal' in methods else methods[-1]
+    lines[-2] = lines[-2].replace('gain vs reference', f'{shown} - {reference}')
     for cell, row in summary['by_cell'].items():
-        best = methods[-1]
-        gain = row[best] - row[reference]
+        gain = row[shown] - row[reference]
         lines.append(
             f'| {cell} | ' + ' | '.join(f'{row[m]:.2f}' for m in methods) + f' | {gain:+.2f} |'
         )
     return '\n'.join(lines) + '\n'
+
+
+def volumetric_bias(
+    cases: Sequence[EvaluationCase] | Sequence[dict[str, Any]],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean signed relative volume error per method and tissue class, with a 95 % interval.
+
+    The interval is the Student-t interval of the mean over cases (realizations of the
+    same subject are not independent, so read it as a lower bound on the uncertainty).
+    Returns ``{method: {class: {'mean', 'low', 'high', 'n'}}}``; methods without tissue
+    measures are left out.
+    """
+    from scipy.stats import t as student_t
+
+    errors: dict[str, dict[str, list[float]]] = {}
+    for case in cases:
+        record = case if isinstance(case, dict) else case.as_dict()
+        if not record.get('volume_error'):
+            continue
+        for name, value in record['volume_error'].items():
+            errors.setdefault(record['method'], {}).setdefault(name, []).append(float(value))
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for method, by_class in errors.items():
+        for name, values in by_class.items():
+            array = np.asarray(values)
+            mean = float(array.mean())
+            if array.size > 1:
+                half = float(
+                    student_t.ppf(0.975, array.size - 1)
+                    * array.std(ddof=1)
+                    / math.sqrt(array.size)
+                )
+            else:
+                half = math.nan
+            result.setdefault(method, {})[name] = {
+                'mean': mean,
+                'low': mean - half,
+                'high': mean + half,
+                'n': int(array.size),
+            }
+    return result
+
+
+def volumetric_bias_table(
+    bias: dict[str, dict[str, dict[str, float]]],
+    dice: dict[str, dict[str, float]] | None = None,
+) -> str:
+    """Markdown: mean relative volume error [95 % CI] in percent per class, and mean Dice."""
+    if not bias:
+        return ''
+    classes = list(next(iter(bias.values())))
+    header = '| method | ' + ' | '.join(f'{name} volume error' for name in classes)
+    if dice:
+        header += ' | ' + ' | '.join(f'{name} Dice' for name in classes)
+    lines = [header + ' |', '| --- |' + ' ---: |' * (len(classes) * (2 if dice else 1))]
+    for method, by_class in bias.items():
+        cells = [
+            f'{100 * by_class[name]["mean"]:+.1f} % '
+            f'[{100 * by_class[name]["low"]:+.1f}, {100 * by_class[name]["high"]:+.1f}]'
+            for name in classes
+        ]
+        if dice:
+            cells += [f'{dice.get(method, {}).get(name, math.nan):.3f}' for name in classes]
+        lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def mean_dice(
+    cases: Sequence[EvaluationCase] | Sequence[dict[str, Any]],
+) -> dict[str, dict[str, float]]:
+    """Mean Dice per method and tissue class over the cases that have one."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for case in cases:
+        record = case if isinstance(case, dict) else case.as_dict()
+        for name, value in (record.get('dice') or {}).items():
+            values.setdefault(record['method'], {}).setdefault(name, []).append(float(value))
+    return {
+        method: {name: float(np.mean(found)) for name, found in by_class.items()}
+        for method, by_class in values.items()
+    }

@@ -5,7 +5,11 @@
   against voxel volume;
 - ``gain_by_cell.png``: the 7 x 3 grid of cells coloured by CAHAL's mean PSNR gain over
   the reference (infeasible cells left blank);
-- ``report.html``: the tables and both figures, linked relatively.
+- ``examples.png`` (when the run kept example slices): for the cells where CAHAL gains
+  least and most over the reference, one slice through the thick axis of the ground
+  truth, the reference, cubic B-spline, CAHAL (and any other method), with CAHAL's
+  absolute error below;
+- ``report.html``: the tables and the figures, linked relatively.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 from cahal_bids.atomic import atomic_path, write_text_atomic
 from cahal_bids.routing import ANISOTROPY_BINS, VOLUME_BINS
 
-__all__ = ['gain_grid', 'write_evaluation_report']
+__all__ = ['extreme_cells', 'gain_grid', 'write_evaluation_report']
 
 _ANISOTROPY_LABELS = [f'A{i} ({low:g}-{high:g}]' for i, (low, high) in
                       enumerate(ANISOTROPY_BINS, start=1)]  # fmt: skip
@@ -109,6 +113,72 @@ def _gain_figure(cases: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return path
 
 
+def extreme_cells(
+    cases: Sequence[Mapping[str, Any]], method: str = 'cahal', reference: str = 'trilinear'
+) -> tuple[str, str] | None:
+    """(worst, best) cell by mean PSNR gain of ``method`` over ``reference``."""
+    gains: dict[str, list[float]] = defaultdict(list)
+    for sign, name in ((1.0, method), (-1.0, reference)):
+        per_cell: dict[str, list[float]] = defaultdict(list)
+        for case in cases:
+            if case['method'] == name and math.isfinite(case['psnr']):
+                per_cell[case['cell']].append(case['psnr'])
+        for cell, values in per_cell.items():
+            gains[cell].append(sign * float(np.mean(values)))
+    complete = {cell: sum(pair) for cell, pair in gains.items() if len(pair) == 2}
+    if not complete:
+        return None
+    ordered = sorted(complete, key=complete.__getitem__)
+    return ordered[0], ordered[-1]
+
+
+def _examples_figure(
+    cases: Sequence[Mapping[str, Any]], slices_dir: Path, path: Path
+) -> Path | None:
+    chosen = extreme_cells(cases)
+    if chosen is None:
+        return None
+    panels = []
+    for label, cell in zip(('least gain', 'most gain'), chosen, strict=True):
+        file = slices_dir / f'{cell}_slices.npz'
+        if not file.exists():
+            return None
+        with np.load(file) as archive:
+            panels.append((label, cell, {key: archive[key] for key in archive.files}))
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    names = [k for k in panels[0][2] if k != 'axis']
+    columns = len(names)
+    figure, axes = plt.subplots(4, columns, figsize=(2.2 * columns, 9.2), squeeze=False)
+    for row, (label, cell, slices) in enumerate(panels):
+        truth = slices['truth']
+        high = float(np.percentile(truth, 99.5)) or 1.0
+        for column, name in enumerate(names):
+            axis = axes[2 * row, column]
+            axis.imshow(np.rot90(slices[name]), cmap='gray', vmin=0, vmax=high)
+            axis.set_title(f'{cell} ({label})\n{name}' if column == 0 else name, fontsize=8)
+            axis.axis('off')
+            error_axis = axes[2 * row + 1, column]
+            if name == 'truth':
+                error_axis.axis('off')
+                error_axis.text(
+                    0.5, 0.5, '|estimate - truth|\n(x4 contrast)', ha='center', va='center',
+                    fontsize=8, transform=error_axis.transAxes,
+                )  # fmt: skip
+                continue
+            error_axis.imshow(
+                np.rot90(np.abs(slices[name] - truth)), cmap='magma', vmin=0, vmax=high / 4
+            )
+            error_axis.axis('off')
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+    return path
+
+
 def _markdown_table_to_html(text: str) -> str:
     blocks, rows = [], []
     for line in [*text.splitlines(), '']:
@@ -134,12 +204,28 @@ def write_evaluation_report(
     *,
     tables: str,
     title: str,
+    slices_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Write both figures and ``report.html`` into ``out_dir``; returns the page."""
+    """Write the figures and ``report.html`` into ``out_dir``; returns the page.
+
+    ``slices_dir`` holds ``<cell>_slices.npz`` files of example slices (as written by
+    ``cahal-eval``); without them the example figure is left out.
+    """
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     psnr = _psnr_figure(cases, folder / 'psnr_by_volume.png')
     gain = _gain_figure(cases, folder / 'gain_by_cell.png')
+    examples = (
+        _examples_figure(cases, Path(slices_dir), folder / 'examples.png')
+        if slices_dir is not None
+        else None
+    )
+    examples_html = (
+        f'<h2>Example slices</h2><img src="{examples.name}" alt="example slices of the cells '
+        'with the least and the most gain">'
+        if examples is not None
+        else ''
+    )
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -151,6 +237,6 @@ def write_evaluation_report(
         f'<p>{len(cases)} cases. PSNR inside the head mask, mean ± standard deviation; '
         'p-values: Mann-Whitney U, two-sided, Bonferroni-corrected, against trilinear.</p>'
         f'<img src="{psnr.name}" alt="PSNR by volume bin"><img src="{gain.name}" '
-        f'alt="gain by cell">{_markdown_table_to_html(tables)}</body></html>\n'
+        f'alt="gain by cell">{_markdown_table_to_html(tables)}{examples_html}</body></html>\n'
     )
     return write_text_atomic(folder / 'report.html', page)

@@ -1,4 +1,4 @@
-"""Lesion preservation: synthetic lesions in a ground truth, and what a restoration keeps of them.
+"""Lesion preservation: synthetic and real lesions, and what a restoration keeps of them.
 
 A synthetic lesion is an ellipsoid (radii in millimetres) placed inside the brain, its
 intensity set to the local background times ``1 + contrast`` (positive: hyperintense,
@@ -11,6 +11,13 @@ restoration two numbers describe what is left of it, each relative to the ground
 - **volume ratio**: voxels beyond the half-way threshold between lesion and background
   (inside a box around the lesion) in the estimate, divided by the same count in the
   ground truth (below 1: shrunk; above 1: grown).
+
+Real lesions (:func:`find_real_lesions`) are hyperintense regions of a FLAIR ground
+truth found by a fixed threshold: inside the brain mask eroded by 3 mm, voxels brighter
+than the brain's median plus ``z`` (default 3) robust standard deviations (1.4826 times
+the median absolute deviation), grouped into 26-connected components of at least
+``min_voxels`` voxels. Each is then measured exactly as a synthetic one, with a shell
+that leaves out every other candidate voxel.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ __all__ = [
     'evaluate_lesions',
     'lesion_table',
     'LesionSpec',
+    'RealLesion',
+    'evaluate_real_lesions',
+    'find_real_lesions',
     'insert_lesion',
     'lesion_measures',
     'place_lesion',
@@ -189,3 +199,117 @@ def lesion_table(rows: Sequence[dict[str, Any]]) -> str:
             cells_text.append(f'{contrast:.2f} / {volume:.2f}')
         lines.append(f'| {method} | ' + ' | '.join(cells_text) + ' |')
     return '\n'.join(lines) + '\n'
+
+
+@dataclass(frozen=True)
+class RealLesion:
+    """One thresholded lesion of a ground truth: its voxels and its background shell."""
+
+    index: int
+    voxels: int
+    centre: tuple[int, int, int]
+    box: tuple[slice, slice, slice]
+    mask: np.ndarray
+    shell: np.ndarray
+
+
+def find_real_lesions(
+    truth: np.ndarray,
+    brain_mask: np.ndarray,
+    *,
+    z: float = 3.0,
+    min_voxels: int = 20,
+    max_lesions: int = 8,
+    margin: int = 16,
+) -> list[RealLesion]:
+    """The ``max_lesions`` largest hyperintense components of ``truth`` (see module notes).
+
+    Each comes with a crop box (the component's bounding box grown by ``margin``
+    voxels, clipped to the image) and its mask and shell within that box.
+    """
+    brain = ndimage.binary_erosion(brain_mask.astype(bool), iterations=3)
+    if not brain.any():
+        return []
+    values = truth[brain].astype(np.float64)
+    median = float(np.median(values))
+    spread = 1.4826 * float(np.median(np.abs(values - median)))
+    if spread <= 0:
+        return []
+    candidates = brain & (truth > median + z * spread)
+    labels, count = ndimage.label(candidates, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return []
+    sizes = np.bincount(labels.ravel())[1:]
+    order = [int(i) + 1 for i in np.argsort(sizes, kind='stable')[::-1] if sizes[i] >= min_voxels]
+    boxes = ndimage.find_objects(labels)
+    lesions: list[RealLesion] = []
+    for rank, label in enumerate(order[:max_lesions]):
+        found = boxes[label - 1]
+        box = tuple(
+            slice(max(part.start - margin, 0), min(part.stop + margin, n))
+            for part, n in zip(found, truth.shape, strict=True)
+        )
+        mask = labels[box] == label
+        distance = ndimage.distance_transform_edt(~mask)
+        shell = (
+            (distance > SHELL_MM[0]) & (distance <= SHELL_MM[1]) & brain[box] & ~candidates[box]
+        )
+        if not shell.any():
+            continue
+        centre = tuple(
+            int(round(c + part.start))
+            for c, part in zip(ndimage.center_of_mass(mask), box, strict=True)
+        )
+        lesions.append(
+            RealLesion(
+                index=rank,
+                voxels=int(mask.sum()),
+                centre=centre,  # type: ignore[arg-type]
+                box=box,  # type: ignore[arg-type]
+                mask=mask,
+                shell=shell,
+            )
+        )
+    return lesions
+
+
+def evaluate_real_lesions(
+    truth: np.ndarray,
+    brain_mask: np.ndarray,
+    *,
+    subject: str,
+    methods: dict[str, Any],
+    cells: Sequence[str] = LESION_CELLS,
+    seed: int = 0,
+    **find_options: Any,
+) -> list[dict[str, Any]]:
+    """Simulate each cell's acquisition around each real lesion and measure each method.
+
+    Rows have the same measures as :func:`evaluate_lesions`, with ``lesion`` the rank of
+    the component by size and ``truth_voxels`` its thresholded volume.
+    """
+    from cahal_bids.acquisition import sample_in_cell
+    from cahal_bids.evaluation import acquire
+
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, Any]] = []
+    for lesion in find_real_lesions(truth, brain_mask, **find_options):
+        crop = np.ascontiguousarray(truth[lesion.box], dtype=np.float32)
+        for cell in cells:
+            resolution = sample_in_cell(cell, rng)
+            low, low_affine = acquire(crop, np.eye(4), resolution)
+            for name, method in methods.items():
+                estimate = method(low, low_affine, resolution, crop.shape)
+                rows.append(
+                    {
+                        'subject': subject,
+                        'lesion': lesion.index,
+                        'lesion_voxels': lesion.voxels,
+                        'centre': list(lesion.centre),
+                        'cell': cell,
+                        'resolution': [round(r, 4) for r in resolution],
+                        'method': name,
+                        **lesion_measures(estimate, crop, lesion.mask, lesion.shell),
+                    }
+                )
+    return rows

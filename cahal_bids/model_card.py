@@ -38,8 +38,15 @@ def render_model_card(
     data_credits: Sequence[str],
     notes: Sequence[str] = (),
     lesions: str = '',
+    real_lesions: str = '',
+    ablations: str = '',
 ) -> str:
-    """Markdown model card for a zoo ``manifest`` validated by ``evaluation`` (cases.json)."""
+    """Markdown model card for a zoo ``manifest`` validated by ``evaluation`` (cases.json).
+
+    ``lesions``, ``real_lesions`` and ``ablations`` are Markdown tables (``cahal-eval``'s
+    ``lesions.md`` and ``real_lesions.md``, and a measured ablation table) shown in their
+    own sections when given.
+    """
     training = manifest.get('training', {})
     experts = manifest.get('experts', {})
     cases = evaluation.get('cases', [])
@@ -116,6 +123,20 @@ def render_model_card(
             lesions.strip(),
             '',
         ]
+    if real_lesions:
+        lines += [
+            '### Real lesions',
+            '',
+            'Hyperintense lesions of the validation ground truth itself, found by a fixed '
+            'threshold (brain median + 3 robust standard deviations, components of at least '
+            '20 voxels), degraded in the thick-slice cells and restored; same measures as '
+            'above.',
+            '',
+            real_lesions.strip(),
+            '',
+        ]
+    if ablations:
+        lines += ['### Ablations', '', ablations.strip(), '']
     lines += [
         'Reproduce:',
         '',
@@ -137,11 +158,13 @@ def write_model_card(
     commands: Sequence[str],
     data_credits: Sequence[str],
     notes: Sequence[str] = (),
+    ablations: str = '',
 ) -> Path:
     """Write ``MODEL_CARD.md`` into ``zoo_dir`` from its manifest and an evaluation folder."""
     zoo = Path(zoo_dir)
     evaluation = Path(evaluation_dir)
     lesions = evaluation / 'lesions.md'
+    real_lesions = evaluation / 'real_lesions.md'
     card = render_model_card(
         json.loads((zoo / 'manifest.json').read_text()),
         json.loads((evaluation / 'cases.json').read_text()),
@@ -150,5 +173,7 @@ def write_model_card(
         data_credits=data_credits,
         notes=notes,
         lesions=lesions.read_text() if lesions.is_file() else '',
+        real_lesions=real_lesions.read_text() if real_lesions.is_file() else '',
+        ablations=ablations,
     )
     return write_text_atomic(zoo / 'MODEL_CARD.md', card)

@@ -146,15 +146,17 @@ class FreezableInstanceNorm3d(nn.InstanceNorm3d):
         if self._frozen is None:
             return super().forward(x)
         mean, var = self._frozen
+        # in float32 whatever the activations (bfloat16 under autocast), like the whole
+        # volume's instance norm, then back to the activations' type
         return F.batch_norm(
-            x,
-            mean.to(device=x.device, dtype=x.dtype),
-            var.to(device=x.device, dtype=x.dtype),
-            self.weight,
-            self.bias,
+            x.float(),
+            mean.to(device=x.device, dtype=torch.float32),
+            var.to(device=x.device, dtype=torch.float32),
+            self.weight.float(),
+            self.bias.float(),
             training=False,
             eps=self.eps,
-        )
+        ).to(x.dtype)
 
 
 class _StopForward(Exception):

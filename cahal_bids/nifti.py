@@ -42,6 +42,7 @@ from nibabel.spatialimages import HeaderDataError, ImageDataError
 
 from cahal_bids.atomic import atomic_path
 from cahal_bids.errors import InvalidImageError
+from cahal_bids.memory import available_system_memory_bytes
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -317,18 +318,6 @@ def load_header(path: str | PathLike[str]) -> LoadedHeader:
     return _open(path)[1]
 
 
-def _available_memory_bytes() -> int | None:
-    """``MemAvailable`` of ``/proc/meminfo`` (None where it cannot be read)."""
-    try:
-        with open('/proc/meminfo') as handle:
-            for line in handle:
-                if line.startswith('MemAvailable:'):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def _check_fits_in_memory(loaded: LoadedHeader) -> None:
     """Refuse, from the header alone, an image whose voxels cannot be held in memory.
 
@@ -337,7 +326,7 @@ def _check_fits_in_memory(loaded: LoadedHeader) -> None:
     """
     voxels = int(np.prod(loaded.shape))
     needed = voxels * (4 + np.dtype(loaded.source_dtype).itemsize)
-    available = _available_memory_bytes()
+    available = available_system_memory_bytes()
     if available is not None and needed > available // 2:
         raise InvalidImageError(
             loaded.path,
@@ -440,5 +429,30 @@ def save_image(
     image.header.set_xyzt_units(xyz='mm')
 
     with atomic_path(file) as temporary:
-        nib.save(image, temporary)
+        _write_nifti(image, temporary, compressed=file.name.endswith('.gz'))
     return file
+
+
+def _write_nifti(image: nib.Nifti1Image, path: Path, *, compressed: bool) -> None:
+    """Write ``image`` as one file; gzip with ISA-L when available (about 5x faster).
+
+    The gzip header carries no name and a zero time stamp, so equal images give equal
+    bytes.
+    """
+    payload = image.to_bytes()
+    with open(path, 'wb') as stream:
+        if not compressed:
+            stream.write(payload)
+            return
+        try:
+            from isal.igzip import IGzipFile as GzipWriter
+
+            level = 2
+        except ImportError:  # pragma: no cover - isal is a dependency, but optional here
+            from gzip import GzipFile as GzipWriter  # type: ignore[assignment]
+
+            level = 1
+        with GzipWriter(
+            filename='', mode='wb', compresslevel=level, fileobj=stream, mtime=0
+        ) as gz:
+            gz.write(payload)

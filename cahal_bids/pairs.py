@@ -4,10 +4,11 @@ Each pair starts from a prepared 1 mm ground-truth volume (denoised, RAS,
 normalised): a random crop centred inside the head is taken with a margin,
 optionally given a physically plausible intensity change (global gain, gamma, a
 smooth multiplicative bias field, all applied to the underlying signal before
-acquisition), degraded with the box point-spread function at a resolution
-triplet drawn by the sampler (random slice offset included) and interpolated back
-to 1 mm, and finally the margin is cut away so the patch borders carry no
-artefacts of the crop. Random flips are applied to input and target together.
+acquisition) and a random effective resolution (:class:`GroundTruthBlur`), degraded
+with the box point-spread function at a resolution triplet drawn by the sampler
+(random slice offset included) and interpolated back to 1 mm, and finally the
+margin is cut away so the patch borders carry no artefacts of the crop. Random flips
+are applied to input and target together.
 
 Every random choice comes from one ``numpy.random.Generator``, whose state can be
 saved and restored, so a stream can be resumed exactly.
@@ -26,6 +27,7 @@ import torch
 from cahal_bids.degradation import DegradationParameters, RandomDegrade, Sampler
 
 __all__ = [
+    'GroundTruthBlur',
     'IntensityAugmentation',
     'Pair',
     'PairBatch',
@@ -71,6 +73,38 @@ class IntensityAugmentation:
         if self.bias_amplitude > 0:
             out = out * _smooth_bias_field(patch.shape, self.bias_amplitude, rng)
         return out.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class GroundTruthBlur:
+    """Give the ground truth a random effective resolution before it is acquired.
+
+    "1 mm" scans differ in how sharp they really are (scanner, sequence, vendor
+    interpolation): in the training pool the high-frequency content of the sharpest
+    T1w matches the softest once blurred by a Gaussian of about 0.5 voxel. Training on
+    a single sharpness teaches a network to add that much detail to every image, which
+    overshoots on softer ones. With ``probability`` the crop is therefore blurred by a
+    Gaussian with an independent standard deviation in ``[0, max_sigma]`` voxels along
+    each axis; input and target both come from the blurred crop, so the network learns
+    to restore the detail the acquisition supports, not a fixed prior.
+    """
+
+    max_sigma: float = 0.6
+    probability: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.max_sigma <= 3):
+            raise ValueError(f'max_sigma must be in [0, 3] voxels, got {self.max_sigma}')
+        if not (0 <= self.probability <= 1):
+            raise ValueError(f'probability must be in [0, 1], got {self.probability}')
+
+    def __call__(self, patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.max_sigma == 0 or rng.random() >= self.probability:
+            return patch
+        from scipy.ndimage import gaussian_filter
+
+        sigmas = [float(rng.uniform(0.0, self.max_sigma)) for _ in range(patch.ndim)]
+        return gaussian_filter(patch, sigmas, mode='nearest', truncate=3.0).astype(np.float32)
 
 
 def _smooth_bias_field(
@@ -142,6 +176,8 @@ class PairStream:
         largest slice thickness the sampler can draw (12 covers every cell).
     augmentation
         Intensity changes applied before degradation, or None.
+    blur
+        Random ground-truth resolution (:class:`GroundTruthBlur`), or None.
     flips
         Random flips along each axis.
     seed
@@ -157,6 +193,7 @@ class PairStream:
         batch_size: int = 2,
         margin: int = 12,
         augmentation: IntensityAugmentation | None = None,
+        blur: GroundTruthBlur | None = None,
         flips: bool = True,
         seed: int = 0,
     ) -> None:
@@ -174,6 +211,7 @@ class PairStream:
         self.batch_size = batch_size
         self.margin = margin
         self.augmentation = augmentation
+        self.blur = blur
         self.flips = flips
         self.rng = np.random.default_rng(seed)
         self._mask_indices = [np.flatnonzero(v.head_mask.ravel()) for v in self.volumes]
@@ -201,6 +239,8 @@ class PairStream:
         )
         if self.augmentation is not None:
             truth = self.augmentation(truth, self.rng)
+        if self.blur is not None:
+            truth = self.blur(truth, self.rng)
         truth_tensor = torch.from_numpy(np.ascontiguousarray(truth))
         degraded, parameters = self.degrade(truth_tensor, self.rng)
         inner = slice(self.margin, self.margin + self.patch_size)

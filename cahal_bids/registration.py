@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cahal_bids.ants_bridge import ants_seed
+from cahal_bids.ants_bridge import ants_image, ants_seed
 from cahal_bids.errors import CahalError
 
 __all__ = [
@@ -88,16 +88,14 @@ def resolve_template(
 
 
 def _read_ants(path: str | os.PathLike[str]) -> Any:
-    import ants
+    """The float32 image at ``path`` as an ANTs image (trailing unit axes dropped)."""
     import nibabel as nib
 
     image = nib.load(str(path))
     data = np.asarray(image.dataobj, dtype=np.float32)
     if data.ndim > 3:
         data = data.reshape(data.shape[:3])
-    converted = nib.Nifti1Image(data, image.affine)
-    converted.header.set_xyzt_units(xyz='mm', t='sec')
-    return ants.from_nibabel_nifti(converted)
+    return ants_image(data, image.affine)
 
 
 def image_similarity(fixed: Any, moving_resampled: Any) -> dict[str, float]:

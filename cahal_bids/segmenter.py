@@ -56,7 +56,9 @@ __all__ = [
     'load_segmenter',
     'read_segmenter_manifest',
     'save_segmenter',
+    'segment_volume',
     'train_segmenter',
+    'validation_dice',
 ]
 
 logger = logging.getLogger(__name__)
@@ -406,12 +408,47 @@ def load_segmenter(
         raise SegmenterError(f'{weights}: weights do not fit the config ({error})') from None
     model.to(device)
     freeze(model)
+    model.class_names = tuple(str(name) for name in manifest.get('class_names', ()))
     return model
 
 
 # --------------------------------------------------------------------------------------
 # Training and evaluation
 # --------------------------------------------------------------------------------------
+
+
+def segment_volume(model: TissueSegmenter, image: npt.ArrayLike) -> np.ndarray:
+    """Hard tissue labels (uint8) of a whole normalised 1 mm volume, in one pass."""
+    device = next(model.parameters()).device
+    array = np.ascontiguousarray(image, dtype=np.float32)
+    if array.ndim != 3:
+        raise ValueError(f'expected a 3D volume, got shape {array.shape}')
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(array)[None, None].to(device))
+    finally:
+        model.train(was_training)
+    return logits[0].argmax(dim=0).to('cpu', torch.uint8).numpy()
+
+
+def validation_dice(
+    model: TissueSegmenter,
+    volumes: Sequence[tuple[np.ndarray, np.ndarray]],
+    names: Sequence[str],
+    class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
+) -> dict[str, dict[str, float]]:
+    """Dice of each tissue class (background left out) against the proxy labels."""
+    report: dict[str, dict[str, float]] = {}
+    for (image, labels), name in zip(volumes, names, strict=True):
+        scores = dice_per_class(segment_volume(model, image), labels, len(class_names))
+        report[name] = {
+            class_names[label]: round(score, 4)
+            for label, score in scores.items()
+            if label > 0 and math.isfinite(score)
+        }
+    return report
 
 
 def dice_per_class(

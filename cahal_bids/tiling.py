@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cahal_bids.errors import CahalError
+from cahal_bids.memory import available_system_memory_bytes
 
 __all__ = [
     'FALLBACK_CPU_BYTES',
@@ -329,17 +330,6 @@ def _cgroup_free_bytes(root: Path = Path('/sys/fs/cgroup')) -> int | None:
     return None
 
 
-def _meminfo_available_bytes() -> int | None:
-    try:
-        with open('/proc/meminfo') as handle:
-            for line in handle:
-                if line.startswith('MemAvailable:'):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def available_memory_bytes(device: torch.device | str) -> int:
     """Memory free for tensors on ``device``, in bytes.
 
@@ -357,7 +347,7 @@ def available_memory_bytes(device: torch.device | str) -> int:
         return int(free)
     if device.type != 'cpu':
         return FALLBACK_CPU_BYTES
-    available = _meminfo_available_bytes()
+    available = available_system_memory_bytes()
     if available is None:
         try:
             import psutil

@@ -5,7 +5,9 @@ reduce-on-plateau and early stopping, both driven by a smoothed training loss (t
 stream is endless, so the training loss is an honest proxy). It writes a CSV loss
 log and checkpoints every few minutes; a run interrupted at any moment resumes from
 its last checkpoint with the same model, optimiser, scheduler and random state;
-SIGINT or SIGTERM stops it cleanly at the next step with a final checkpoint.
+SIGINT or SIGTERM stops it cleanly at the next step with a final checkpoint, and
+its :class:`FitResult` says so (``interrupted``) so that callers running several
+fits in a row can stop too (:class:`TrainingInterrupted`).
 
 Checkpoints never use pickle: tensors (model, optimiser moments, torch RNG) go to a
 safetensors file, everything else to JSON that records the tensor file's sha256.
@@ -38,11 +40,13 @@ from torch import nn
 
 from cahal_bids.acquisition import sample_in_cell
 from cahal_bids.atomic import write_bytes_atomic
+from cahal_bids.errors import CahalError
 from cahal_bids.routing import CELLS, cell_name
 
 __all__ = [
     'AnyCellSampler',
     'FitResult',
+    'TrainingInterrupted',
     'TrainingSchedule',
     'curriculum_order',
     'fit',
@@ -151,6 +155,29 @@ class FitResult:
     smoothed_loss: float
     stopped_early: bool
     run_dir: Path
+    interrupted: bool = False
+    """SIGINT or SIGTERM arrived during the run: the loop stopped at the next step
+    boundary (or had just reached its end) and checkpointed. A run that ends on its
+    ``time_budget_s`` is not interrupted."""
+
+
+class TrainingInterrupted(CahalError):
+    """A stop request (SIGINT or SIGTERM) ended a :func:`fit` run that others build on.
+
+    The run folder holds a checkpoint: running the same training again resumes there.
+
+    Parameters
+    ----------
+    run_dir
+        Run folder of the interrupted fit (checkpoint and loss log).
+    step
+        Steps done when it stopped (the step of its checkpoint).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], step: int) -> None:
+        self.run_dir = Path(run_dir)
+        self.step = step
+        super().__init__(f'{self.run_dir}: training interrupted at step {step} (checkpointed)')
 
 
 def _save_checkpoint(
@@ -261,6 +288,10 @@ def fit(
     returns the total loss and a mapping of named terms to log. With
     ``mixed_precision`` (CUDA only) the network runs under bfloat16 autocast; the
     loss function is responsible for keeping its Fourier term in float32.
+
+    SIGINT or SIGTERM (caught in the main thread only) ends the run at the next step
+    boundary with a checkpoint and ``interrupted=True`` in the result; it does not
+    raise, so a caller that goes on to other work must check that flag.
     """
     from tqdm import tqdm
 
@@ -381,12 +412,16 @@ def fit(
                 log_stream.flush()
                 checkpoint()
                 last_checkpoint = time.monotonic()
-    bar.close()
-    checkpoint()
+        # the last checkpoint is still under the stop handlers, so a signal cannot cut it short
+        log_stream.flush()
+        bar.close()
+        checkpoint()
+        interrupted = stop_requested()
     return FitResult(
         steps=state['step'],
         seconds=state['seconds'],
         smoothed_loss=float(state['smoothed_loss'] or math.nan),
         stopped_early=bool(state['stopped_early']),
         run_dir=folder,
+        interrupted=interrupted,
     )

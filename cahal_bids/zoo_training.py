@@ -3,7 +3,9 @@
 :func:`train_zoo` is what ``cahal-train fit`` runs. Each expert trains in its own
 run folder under ``work_dir`` (checkpoints, loss log), so an interrupted zoo run
 resumes where it stopped: finished experts are not trained again, the expert in
-progress resumes from its last checkpoint.
+progress resumes from its last checkpoint. SIGINT or SIGTERM stops the whole run
+(:class:`~cahal_bids.training.TrainingInterrupted`) once the fit in progress has
+checkpointed, so no expert ever starts from an unfinished parent.
 
 Initialisation follows the curriculum: a generalist trained on pairs from every
 cell (or, for a fine-tuned zoo such as FLAIR from T1w, the matching expert of
@@ -26,11 +28,12 @@ from cahal_bids import __version__
 from cahal_bids.acquisition import CellSampler
 from cahal_bids.networks import ResidualUNet3D, count_parameters
 from cahal_bids.normalization import DEFAULT_NORMALIZATION
-from cahal_bids.pairs import IntensityAugmentation, PairStream, TrainingVolume
+from cahal_bids.pairs import GroundTruthBlur, IntensityAugmentation, PairStream, TrainingVolume
 from cahal_bids.routing import CELLS
 from cahal_bids.training import (
     AnyCellSampler,
     FitResult,
+    TrainingInterrupted,
     TrainingSchedule,
     curriculum_order,
     fit,
@@ -66,6 +69,8 @@ class ZooTrainingConfig:
     plateau_patience: int = 8
     early_stop_patience: int = 20
     lr_schedule: str = 'plateau'
+    ground_truth_blur: float = 0.6
+    """Largest sigma (voxels) of :class:`~cahal_bids.pairs.GroundTruthBlur`; 0: none."""
 
     def architecture(self) -> dict[str, Any]:
         return {
@@ -102,6 +107,7 @@ def _fit_one(
         patch_size=config.patch_size,
         batch_size=config.batch_size,
         augmentation=IntensityAugmentation(),
+        blur=GroundTruthBlur(config.ground_truth_blur) if config.ground_truth_blur > 0 else None,
         seed=seed,
     )
     schedule = TrainingSchedule(
@@ -113,7 +119,7 @@ def _fit_one(
         early_stop_patience=config.early_stop_patience,
         lr_schedule=config.lr_schedule,
     )
-    return fit(
+    result = fit(
         network,
         stream,
         loss_fn,
@@ -124,6 +130,9 @@ def _fit_one(
         progress=progress,
         metadata={'name': name},
     )
+    if result.interrupted:
+        raise TrainingInterrupted(result.run_dir, result.steps)
+    return result
 
 
 def train_zoo(
@@ -148,6 +157,13 @@ def train_zoo(
     its cell. ``warm_start`` instead starts the generalist from that zoo's V1A3 expert
     (for a generalist-only zoo, the generalist itself; for FLAIR, a T1w generalist), so
     a generalist can be continued under a new schedule or carried to another modality.
+
+    Raises
+    ------
+    TrainingInterrupted
+        SIGINT or SIGTERM arrived: the fit in progress checkpointed and stopped, no
+        later expert was started and no zoo was written. Calling again with the same
+        ``work_dir`` resumes.
     """
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from cahal_bids.cli import evaluate
@@ -60,3 +62,202 @@ def test_eval_rejects_unknown_cells(tmp_path, make_nifti, make_zoo, capsys):
     )
     assert code == 2
     assert 'unknown cells' in capsys.readouterr().err
+
+
+def _run_eval(source, zoo, out, *extra):
+    return evaluate.main(
+        [
+            *[str(s) for s in (source if isinstance(source, list) else [source])],
+            '--zoo',
+            str(zoo),
+            '--out',
+            str(out),
+            '--no-denoise',
+            '--cells',
+            'V3A2',
+            'V6A1',
+            '--realizations',
+            '1',
+            '--quiet',
+            '--threads',
+            '1',
+            *extra,
+        ]
+    )
+
+
+def test_eval_resumes_finished_cells(tmp_path, make_nifti, make_zoo, capsys, monkeypatch):
+    torch.set_num_threads(1)
+    source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0), name='sub-01_T1w.nii.gz')
+    zoo = make_zoo('identity', head_scale=0.0)
+    out = tmp_path / 'eval'
+    assert _run_eval(source, zoo, out, '--no-flat-check') == 0, capsys.readouterr().err
+    first = json.loads((out / 'cases.json').read_text())
+    assert sorted(p.name for p in (out / 'cases' / 'sub-01_T1w').iterdir()) == [
+        'V3A2.json',
+        'V3A2_slices.npz',
+        'V6A1.json',
+        'V6A1_slices.npz',
+    ]
+    assert (out / 'examples.png').stat().st_size > 0
+    assert 'examples.png' in (out / 'report.html').read_text()
+
+    # a rerun computes nothing: every cell comes from OUT/cases
+    def refuse(*args, **kwargs):
+        raise AssertionError('a finished cell was evaluated again')
+
+    monkeypatch.setattr('cahal_bids.evaluation.evaluate_volume', refuse)
+    assert _run_eval(source, zoo, out, '--no-flat-check') == 0, capsys.readouterr().err
+    assert json.loads((out / 'cases.json').read_text())['cases'] == first['cases']
+    # another protocol (seed) does not reuse them
+    with pytest.raises(AssertionError, match='evaluated again'):
+        _run_eval(source, zoo, out, '--no-flat-check', '--seed', '3')
+
+
+def test_eval_seeds_do_not_depend_on_the_cell_subset(tmp_path, make_nifti, make_zoo):
+    from cahal_bids.evaluation import evaluate_volume
+
+    truth = _brain()
+    mask = truth > 0
+    one = evaluate_volume(
+        truth, mask, np.eye(4), subject='s', enhancer=None, cells=('V6A1',), realizations=1
+    )
+    both = evaluate_volume(
+        truth, mask, np.eye(4), subject='s', enhancer=None, cells=('V3A2', 'V6A1'), realizations=1
+    )
+    assert [c.resolution for c in one] == [c.resolution for c in both if c.cell == 'V6A1']
+
+
+def test_eval_runs_a_command_line_method(tmp_path, make_nifti, make_zoo, capsys):
+    """An external tool given as a template: here cahal-enhance itself, which must score
+    as the built-in CAHAL path; and a tool writing on another grid is resampled."""
+    import sys
+
+    torch.set_num_threads(1)
+    source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0), name='sub-01_T1w.nii.gz')
+    zoo = make_zoo('identity', head_scale=0.0)
+    out = tmp_path / 'eval'
+    shifted = tmp_path / 'copy_low.py'
+    shifted.write_text(
+        'import sys, nibabel as nib\n'
+        'image = nib.load(sys.argv[1])\n'
+        'nib.save(nib.Nifti1Image(image.get_fdata(), image.affine), sys.argv[2])\n'
+    )
+    program = Path(sys.executable).parent / 'cahal-enhance'
+    enhance = f'{program} {{input}} {{output}} --zoo {zoo} -q --threads 1'
+    code = _run_eval(
+        source,
+        zoo,
+        out,
+        '--no-flat-check',
+        '--method',
+        f'again={enhance}',
+        '--method',
+        f'low={sys.executable} {shifted} {{input}} {{output}}',
+    )
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / 'cases.json').read_text())
+    by_method = {}
+    for case in record['cases']:
+        by_method.setdefault(case['method'], []).append(case['psnr'])
+    assert set(by_method) == {'trilinear', 'cubic', 'cahal', 'again', 'low'}
+    assert np.allclose(by_method['again'], by_method['cahal'], atol=1e-3)
+    # the low-resolution image itself, resampled linearly by world coordinates, is close
+    # to (not better than) the trilinear reference
+    assert all(
+        abs(a - b) < 3.0 for a, b in zip(by_method['low'], by_method['trilinear'], strict=True)
+    )
+    assert record['methods']['again'] == enhance
+
+
+@pytest.mark.parametrize(
+    ('spec', 'message'),
+    [
+        ('nocommand', 'NAME=COMMAND'),
+        ('x=run {input}', "needs ['output']"),
+        ('x=run {input} {output} {other}', 'unknown placeholder'),
+        ('cahal=run {input} {output}', 'built-in'),
+    ],
+)
+def test_eval_rejects_bad_method_templates(tmp_path, make_nifti, make_zoo, capsys, spec, message):
+    source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0))
+    code = _run_eval(source, make_zoo(), tmp_path / 'eval', '--method', spec)
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_failing_command_method_is_reported(tmp_path, make_nifti, make_zoo, capsys):
+    source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0))
+    code = _run_eval(
+        source, make_zoo(), tmp_path / 'eval', '--method', 'broken=false {input} {output}'
+    )
+    assert code == 1
+    assert 'method broken: exit code 1' in capsys.readouterr().err
+
+
+def test_eval_reads_a_bids_dataset_with_a_filter(tmp_path, make_nifti, make_zoo, capsys):
+    root = tmp_path / 'bids'
+    (root).mkdir()
+    (root / 'dataset_description.json').write_text(
+        json.dumps({'Name': 'eval test', 'BIDSVersion': '1.8.0'})
+    )
+    for subject in ('01', '02'):
+        folder = root / f'sub-{subject}' / 'anat'
+        folder.mkdir(parents=True)
+        for acquisition in ('mprage', 'spgr'):
+            make_nifti(
+                data=_brain(),
+                zooms=(1.0, 1.0, 1.0),
+                name=f'sub-{subject}_acq-{acquisition}_T1w.nii.gz',
+                folder=folder,
+            )
+    filters = tmp_path / 'filters.json'
+    filters.write_text(json.dumps({'t1w': {'acquisition': 'mprage'}}))
+    out = tmp_path / 'eval'
+    code = _run_eval(
+        root,
+        make_zoo('identity', head_scale=0.0),
+        out,
+        '--no-flat-check',
+        '--participant-label',
+        '02',
+        '--bids-filter-file',
+        str(filters),
+    )
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / 'cases.json').read_text())
+    assert [Path(p).name for p in record['inputs']] == ['sub-02_acq-mprage_T1w.nii.gz']
+    assert {case['subject'] for case in record['cases']} == {'sub-02_acq-mprage_T1w'}
+    assert _run_eval(root, make_zoo(), tmp_path / 'e2', '--participant-label', '07') == 2
+    assert 'sub-07 not found' in capsys.readouterr().err
+
+
+def test_eval_with_a_segmenter_reports_tissue_bias(tmp_path, make_nifti, make_zoo, capsys):
+    from cahal_bids.segmenter import TissueSegmenter, save_segmenter
+
+    torch.manual_seed(0)
+    segmenter = save_segmenter(TissueSegmenter(), tmp_path / 'seg', modality='T1w')
+    source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0), name='sub-01_T1w.nii.gz')
+    out = tmp_path / 'eval'
+    code = _run_eval(
+        source,
+        make_zoo('identity', head_scale=0.0),
+        out,
+        '--segmenter',
+        str(segmenter),
+    )
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / 'cases.json').read_text())
+    case = record['cases'][0]
+    assert set(case['dice']) <= {'CSF', 'GM', 'WM'} and case['dice']
+    assert set(case['volume_error']) == set(case['dice'])
+    bias = record['volumetric_bias']
+    assert set(bias) == {'trilinear', 'cubic', 'cahal'}
+    for by_class in bias.values():
+        for entry in by_class.values():
+            assert entry['low'] <= entry['mean'] <= entry['high']
+    tables = (out / 'tables.md').read_text()
+    assert 'volume error' in tables and 'Dice' in tables
+    # the flat-region check ran at the ground truth's size
+    assert record['flat_regions']['low_resolution_shape'] == [40, 44, 9]
+    assert 'Flat regions' in tables

@@ -83,3 +83,21 @@ def test_protocol_with_an_identity_zoo(make_zoo):
     assert summary['by_bin']['overall']['cahal']['n'] == 4
     table = markdown_tables(summary)
     assert '| trilinear |' in table and '| V5A1 |' in table
+
+
+def test_flat_regions_are_left_alone_by_an_identity_expert(make_zoo):
+    from cahal_bids.flat_regions import flat_images, flat_region_changes
+    from cahal_bids.inference import Enhancer
+    from cahal_bids.zoo import Zoo
+
+    images = flat_images((40, 36, 12))
+    assert set(images) == {'constant', 'two halves', 'ramp'}
+    assert all(image.shape == (40, 36, 12) for image in images.values())
+    enhancer = Enhancer(
+        Zoo.open(make_zoo('identity', head_scale=0.0)),
+        device=torch.device('cpu'),
+        precision='fp32',
+    )
+    changes = flat_region_changes(enhancer, (40, 36, 12))
+    for change in changes.values():
+        assert change['max_percent'] < 1e-3, changes

@@ -123,8 +123,9 @@ def test_tiled_equals_whole(tmp_path, make_nifti, make_zoo):
     rng = np.random.default_rng(0)
     data = rng.random((40, 36, 11)).astype(np.float32) * 200
     source = make_nifti(data=data, zooms=(1.0, 1.0, 4.0))
-    whole = Enhancer(zoo, device=torch.device('cpu')).enhance_file(source, tmp_path / 'w.nii.gz')
-    tiled = Enhancer(zoo, device=torch.device('cpu'), tile_size=32).enhance_file(
+    cpu = torch.device('cpu')
+    whole = Enhancer(zoo, device=cpu, precision='fp32').enhance_file(source, tmp_path / 'w.nii.gz')
+    tiled = Enhancer(zoo, device=cpu, tile_size=32, precision='fp32').enhance_file(
         source, tmp_path / 't.nii.gz'
     )
     assert whole.sidecar['tiled'] is False
@@ -133,6 +134,16 @@ def test_tiled_equals_whole(tmp_path, make_nifti, make_zoo):
     b = np.asarray(nib.load(tiled.output_path).dataobj)
     assert np.abs(a - a.mean()).max() > 0
     assert np.abs(a - b).max() <= 1e-4 * (a.max() - a.min())
+    # bfloat16 tiles run too, and stay within bfloat16 rounding of the whole volume
+    whole16 = Enhancer(zoo, device=cpu, precision='bf16').enhance_file(
+        source, tmp_path / 'w16.nii'
+    )
+    tiled16 = Enhancer(zoo, device=cpu, tile_size=32, precision='bf16').enhance_file(
+        source, tmp_path / 't16.nii'
+    )
+    c = np.asarray(nib.load(whole16.output_path).dataobj)
+    d = np.asarray(nib.load(tiled16.output_path).dataobj)
+    assert np.abs(c - d).max() <= 0.02 * (c.max() - c.min())
 
 
 def test_deterministic_bytes(tmp_path, make_nifti, test_zoo):
@@ -248,7 +259,10 @@ def test_bf16_stays_close_to_fp32(tmp_path, make_nifti, make_zoo):
     zoo = Zoo.open(make_zoo('bf16', cells=['V4A1'], head_scale=0.3))
     rng = np.random.default_rng(1)
     source = make_nifti(data=rng.random((24, 20, 6)).astype(np.float32) * 100, zooms=(1, 1, 4))
-    full = Enhancer(zoo, device=torch.device('cpu')).enhance_file(source, tmp_path / 'a.nii.gz')
+    full = Enhancer(zoo, device=torch.device('cpu'), precision='fp32').enhance_file(
+        source, tmp_path / 'a.nii.gz'
+    )
+    assert full.sidecar['precision'] == 'fp32'
     half = Enhancer(zoo, device=torch.device('cpu'), precision='bf16').enhance_file(
         source, tmp_path / 'b.nii.gz'
     )
@@ -258,3 +272,21 @@ def test_bf16_stays_close_to_fp32(tmp_path, make_nifti, make_zoo):
     assert np.abs(a - b).max() <= 0.02 * (a.max() - a.min())
     with pytest.raises(ValueError, match='precision'):
         Enhancer(zoo, device=torch.device('cpu'), precision='fp8')
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    from cahal_bids import inference
+
+    cpu = torch.device('cpu')
+    monkeypatch.setattr(inference, '_cpu_has_native_bf16', lambda: True)
+    assert inference.resolve_precision('auto', cpu) == 'bf16'
+    monkeypatch.setattr(inference, '_cpu_has_native_bf16', lambda: False)
+    assert inference.resolve_precision('auto', cpu) == 'fp32'
+    assert inference.resolve_precision('bf16', cpu) == 'bf16'
+    assert inference.resolve_precision('fp32', cpu) == 'fp32'
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (7, 0))
+    assert inference.resolve_precision('auto', torch.device('cuda')) == 'fp32'
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (9, 0))
+    assert inference.resolve_precision('auto', torch.device('cuda')) == 'bf16'
+    with pytest.raises(ValueError, match='precision'):
+        inference.resolve_precision('fp16', cpu)

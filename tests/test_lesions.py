@@ -10,6 +10,8 @@ from cahal_bids.evaluation import cahal_method, trilinear
 from cahal_bids.lesions import (
     LesionSpec,
     evaluate_lesions,
+    evaluate_real_lesions,
+    find_real_lesions,
     insert_lesion,
     lesion_measures,
     lesion_table,
@@ -58,6 +60,43 @@ def test_evaluate_lesions_rows_and_table():
     table = lesion_table(rows)
     assert table.splitlines()[0] == '| method | V4A1 contrast / volume |'
     assert table.splitlines()[2].startswith('| trilinear | ')
+
+
+def _lesioned_brain():
+    rng = np.random.default_rng(0)
+    truth, brain = _brain((64, 64, 64))
+    truth = truth + rng.normal(0, 2.0, truth.shape).astype(np.float32) * brain
+    lesioned, big, _ = insert_lesion(truth, (26, 30, 32), LesionSpec((4.0, 4.0, 3.0), 0.6))
+    lesioned, small, _ = insert_lesion(lesioned, (40, 34, 30), LesionSpec((2.0, 2.0, 2.0), 0.6))
+    return lesioned, brain, big, small
+
+
+def test_real_lesions_are_found_by_threshold_largest_first():
+    lesioned, brain, big, small = _lesioned_brain()
+    lesions = find_real_lesions(lesioned, brain)
+    assert [lesion.index for lesion in lesions] == [0, 1]
+    assert lesions[0].voxels > lesions[1].voxels
+    found = np.zeros(lesioned.shape, dtype=bool)
+    found[lesions[0].box] = lesions[0].mask
+    overlap = (found & big).sum() / big.sum()
+    assert overlap > 0.8
+    assert not (lesions[0].mask & lesions[0].shell).any()
+    # a lesion-free brain (noise only) yields nothing; neither does an empty mask
+    truth, brain = _brain((64, 64, 64))
+    assert find_real_lesions(truth, brain) == []
+    assert find_real_lesions(lesioned, np.zeros_like(brain)) == []
+
+
+def test_real_lesions_are_measured_per_method_and_cell():
+    lesioned, brain, _, _ = _lesioned_brain()
+    rows = evaluate_real_lesions(
+        lesioned, brain, subject='phantom', methods={'trilinear': trilinear}, cells=('V4A1',)
+    )
+    assert [row['lesion'] for row in rows] == [0, 1]
+    assert all(0 < row['contrast_ratio'] < 1.05 for row in rows)
+    assert rows[0]['lesion_voxels'] > rows[1]['lesion_voxels']
+    # the small lesion loses more of its contrast to a thick-slice acquisition
+    assert rows[1]['contrast_ratio'] < rows[0]['contrast_ratio']
 
 
 @pytest.mark.slow

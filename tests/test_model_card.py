@@ -32,3 +32,21 @@ def test_model_card_reports_the_measured_figures(tmp_path, make_zoo):
     assert 'trilinear 30.00 dB, cahal 31.50 dB' in card
     assert 'cahal-eval X --zoo Z --out E' in card and '- sub-x: MIT' in card
     assert 'sub-stroke01_T1w' in card and '| cahal | 31.5 |' in card
+
+
+def test_model_card_shows_real_lesions_and_ablations_when_measured(tmp_path, make_zoo):
+    zoo = make_zoo(cells=['V1A3'])
+    evaluation = tmp_path / 'eval'
+    evaluation.mkdir()
+    (evaluation / 'cases.json').write_text(
+        json.dumps({'inputs': [], 'realizations': 1, 'seed': 0, 'cases': []})
+    )
+    (evaluation / 'tables.md').write_text('| PSNR | overall |\n')
+    plain = write_model_card(zoo, evaluation, commands=[], data_credits=[]).read_text()
+    assert '### Real lesions' not in plain and '### Ablations' not in plain
+    (evaluation / 'real_lesions.md').write_text('| method | V4A1 contrast / volume |\n')
+    card = write_model_card(
+        zoo, evaluation, commands=[], data_credits=[], ablations='| zoo | PSNR |\n| g | 1 |\n'
+    ).read_text()
+    assert '### Real lesions' in card and '| method | V4A1 contrast / volume |' in card
+    assert '### Ablations' in card and '| g | 1 |' in card

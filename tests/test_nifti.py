@@ -361,21 +361,39 @@ def test_save_refuses_bad_input(tmp_path):
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
+    import cahal_bids.nifti as nifti_module
+
     target = tmp_path / 'out.nii.gz'
     target.write_bytes(b'previous content')
-    real_save = nib.save
+    real_write = nifti_module._write_nifti
 
-    def failing_save(image, filename):
-        real_save(image, filename)  # a complete temporary file exists ...
+    def failing_write(image, path, *, compressed):
+        real_write(image, path, compressed=compressed)  # a complete temporary file exists ...
         raise OSError('disk full')  # ... when the write fails
 
-    monkeypatch.setattr(nib, 'save', failing_save)
+    monkeypatch.setattr(nifti_module, '_write_nifti', failing_write)
     with pytest.raises(OSError, match='disk full'):
         save_image(np.ones((3, 3, 3)), np.eye(4), target)
     assert target.read_bytes() == b'previous content'
     assert [entry.name for entry in tmp_path.iterdir()] == ['out.nii.gz']
 
-    monkeypatch.setattr(nib, 'save', real_save)
+    monkeypatch.setattr(nifti_module, '_write_nifti', real_write)
     save_image(np.ones((3, 3, 3)), np.eye(4), target)
     assert load_image(target).shape == (3, 3, 3)
     assert [entry.name for entry in tmp_path.iterdir()] == ['out.nii.gz']
+
+
+@pytest.mark.parametrize('name', ['out.nii.gz', 'out.nii'])
+def test_saved_files_are_standard_and_reproducible(tmp_path, name):
+    """The fast gzip writer gives files any gzip reader opens, byte-identical on rewrite."""
+    import gzip
+
+    data = np.random.default_rng(0).random((7, 8, 9)).astype(np.float32)
+    first = save_image(data, np.diag([2.0, 1.0, 3.0, 1.0]), tmp_path / name)
+    payload = first.read_bytes()
+    raw = gzip.decompress(payload) if name.endswith('.gz') else payload
+    assert nib.Nifti1Image.from_bytes(raw).get_fdata().tolist() == data.tolist()
+    assert np.array_equal(load_image(first).data, data)
+    (tmp_path / 'again').mkdir()
+    second = save_image(data, np.diag([2.0, 1.0, 3.0, 1.0]), tmp_path / 'again' / name)
+    assert second.read_bytes() == payload

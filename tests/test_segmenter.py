@@ -254,3 +254,11 @@ def test_training_segments_a_phantom():
         pred = model(torch.from_numpy(image)[None, None]).argmax(dim=1)[0].numpy()
     scores = dice_per_class(pred, labels)
     assert min(scores[label] for label in (1, 2, 3)) > 0.8, scores
+    # the whole-volume helpers agree with the network
+    from cahal_bids.segmenter import segment_volume, validation_dice
+
+    hard = segment_volume(model, image)
+    assert hard.dtype == np.uint8 and np.array_equal(hard, pred)
+    report = validation_dice(model, [(image, labels)], ['phantom'])
+    assert set(report['phantom']) == {'CSF', 'GM', 'WM'}
+    assert report['phantom']['GM'] == pytest.approx(scores[2], abs=1e-4)

@@ -306,7 +306,7 @@ def test_available_memory_on_cpu_is_plausible() -> None:
 
 
 def test_available_memory_falls_back_without_meminfo(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tiling, '_meminfo_available_bytes', lambda: None)
+    monkeypatch.setattr(tiling, 'available_system_memory_bytes', lambda: None)
     monkeypatch.setattr(tiling, '_cgroup_free_bytes', lambda: None)
     monkeypatch.setitem(sys.modules, 'psutil', None)  # import fails
     assert available_memory_bytes('cpu') == FALLBACK_CPU_BYTES

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import signal
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +15,13 @@ import torch
 from cahal_bids.acquisition import CellSampler
 from cahal_bids.degradation import Degrade
 from cahal_bids.networks import ResidualUNet3D
-from cahal_bids.pairs import IntensityAugmentation, PairStream, TrainingVolume, crop_with_zeros
+from cahal_bids.pairs import (
+    GroundTruthBlur,
+    IntensityAugmentation,
+    PairStream,
+    TrainingVolume,
+    crop_with_zeros,
+)
 from cahal_bids.routing import CELLS, route
 from cahal_bids.training import (
     AnyCellSampler,
@@ -79,6 +89,49 @@ def test_augmentation_keeps_zero_background_and_varies_contrast():
     out = augmentation(patch, np.random.default_rng(3))
     assert np.all(out[patch == 0] == 0)
     assert not np.allclose(out, patch)
+
+
+def test_ground_truth_blur_softens_within_its_bounds():
+    rng = np.random.default_rng(0)
+    patch = rng.random((24, 24, 24)).astype(np.float32)
+    assert GroundTruthBlur(probability=0.0)(patch, rng) is patch
+    assert GroundTruthBlur(max_sigma=0.0, probability=1.0)(patch, rng) is patch
+    blurred = GroundTruthBlur(max_sigma=0.6, probability=1.0)(patch, np.random.default_rng(1))
+    assert blurred.dtype == np.float32 and blurred.shape == patch.shape
+    assert blurred.std() < patch.std()  # high frequencies are damped ...
+    assert abs(float(blurred.mean()) - float(patch.mean())) < 1e-3  # ... the signal is kept
+    # a sigma of at most 0.6 voxel keeps most of the variance of white noise
+    assert blurred.std() > 0.3 * patch.std()
+    again = GroundTruthBlur(max_sigma=0.6, probability=1.0)(patch, np.random.default_rng(1))
+    assert np.array_equal(blurred, again)
+    with pytest.raises(ValueError, match='max_sigma'):
+        GroundTruthBlur(max_sigma=-1.0)
+    with pytest.raises(ValueError, match='probability'):
+        GroundTruthBlur(probability=2.0)
+
+
+def test_blurred_pairs_share_one_truth():
+    """With the blur the target is the blurred crop and the input is made from it, so an
+    isotropic 1 mm 'acquisition' gives back exactly the target."""
+    rng = np.random.default_rng(2)
+    image = rng.random((40, 40, 40)).astype(np.float32)
+    volume = TrainingVolume(image=image, head_mask=np.ones_like(image, dtype=bool))
+    stream = PairStream(
+        [volume],
+        lambda generator: (1.0, 1.0, 1.0),
+        patch_size=16,
+        batch_size=2,
+        margin=4,
+        blur=GroundTruthBlur(max_sigma=0.6, probability=1.0),
+        flips=False,
+        seed=0,
+    )
+    batch = next(stream)
+    assert torch.equal(batch.inputs, batch.targets)
+    pair = stream.next_pair()
+    raw = crop_with_zeros(image, pair.crop_origin, (24, 24, 24))[4:20, 4:20, 4:20]
+    assert torch.equal(pair.input, pair.target)
+    assert not np.allclose(pair.target[0].numpy(), raw)  # the truth itself was blurred
 
 
 def test_curriculum_parents():
@@ -189,7 +242,7 @@ def l1(p, t):
     return loss, {}
 result = fit(ResidualUNet3D(levels=2, initial_filters=2), stream, l1, run_dir=sys.argv[1],
              schedule=TrainingSchedule(max_steps=10**6, evaluate_every=1), progress=False)
-print('stopped at', result.steps)
+print('stopped at', result.interrupted, result.steps)
 """
 
 
@@ -217,8 +270,41 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
     assert process.returncode == 0, stderr
     steps = int(stdout.split()[-1])
     assert steps >= 3
+    assert stdout.split()[-2] == 'True'  # result.interrupted
     state = json.loads((tmp_path / 'checkpoint.json').read_text())
     assert state['step'] == steps
+
+
+def test_fit_reports_a_stop_request_but_not_a_spent_time_budget(tmp_path):
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip('fit only catches SIGTERM in the main thread')
+
+    def run(run_dir, max_steps, stop_at=None, time_budget_s=None):
+        calls = []
+
+        def stopping_l1(prediction, target):
+            calls.append(1)
+            if len(calls) == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return _l1(prediction, target)
+
+        torch.manual_seed(0)
+        network = ResidualUNet3D(levels=2, initial_filters=2)
+        stream = PairStream([_phantom()], CellSampler('V4A1'), patch_size=8, batch_size=1)
+        schedule = TrainingSchedule(max_steps=max_steps, time_budget_s=time_budget_s)
+        return fit(network, stream, stopping_l1, run_dir=run_dir, schedule=schedule,
+                   progress=False)  # fmt: skip
+
+    stopped = run(tmp_path / 'stopped', max_steps=6, stop_at=2)
+    assert stopped.interrupted and stopped.steps == 2
+    assert json.loads((tmp_path / 'stopped' / 'checkpoint.json').read_text())['step'] == 2
+    resumed = run(tmp_path / 'stopped', max_steps=6)
+    assert not resumed.interrupted and resumed.steps == 6
+    # a request on the very last step still reaches the caller
+    last = run(tmp_path / 'last', max_steps=2, stop_at=2)
+    assert last.interrupted and last.steps == 2
+    spent = run(tmp_path / 'spent', max_steps=6, time_budget_s=0.0)
+    assert not spent.interrupted and spent.steps == 0
 
 
 def test_cosine_schedule_decays_from_the_rate_to_the_floor(tmp_path):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import threading
+
 import numpy as np
+import pytest
 import torch
 
 from cahal_bids.pairs import TrainingVolume
-from cahal_bids.zoo import Zoo
+from cahal_bids.training import TrainingInterrupted
+from cahal_bids.zoo import MANIFEST_NAME, Zoo
 from cahal_bids.zoo_training import ZooTrainingConfig, train_zoo
 
 
@@ -79,3 +86,44 @@ def test_warm_start_continues_a_generalist_from_a_zoo(tmp_path):
     assert second.manifest['training']['lr_schedule'] == 'cosine'
     a, b = first.load_state_dict('V1A3'), second.load_state_dict('V1A3')
     assert any(not torch.equal(a[key], b[key]) for key in a)  # it trained further
+
+
+def test_a_stop_request_ends_the_whole_zoo_run_and_a_rerun_resumes(tmp_path):
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip('fit only catches SIGTERM in the main thread')
+    torch.set_num_threads(1)
+    config = ZooTrainingConfig(
+        levels=2, initial_filters=2, patch_size=8, batch_size=1, generalist_steps=5,
+        steps_per_expert=2, cells=('V1A3', 'V2A3'),
+    )  # fmt: skip
+    calls = []
+
+    def stopping_l1(prediction, target):
+        calls.append(1)
+        if len(calls) == 2:  # during the generalist's second step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _l1(prediction, target)
+
+    common = dict(config=config, device=torch.device('cpu'), progress=False)
+    runs, out = tmp_path / 'runs', tmp_path / 'zoo'
+    with pytest.raises(TrainingInterrupted, match='generalist') as caught:
+        train_zoo([_volume()], out_dir=out, work_dir=runs, loss_fn=stopping_l1, **common)
+    assert caught.value.step == 2 and caught.value.run_dir == runs / 'generalist'
+    assert not (out / MANIFEST_NAME).exists()
+    state = json.loads((runs / 'generalist' / 'checkpoint.json').read_text())
+    assert state['step'] == 2
+    assert not (runs / 'V1A3').exists()  # no expert started from the unfinished generalist
+
+    resumed = Zoo.open(train_zoo([_volume()], out_dir=out, work_dir=runs, loss_fn=_l1, **common))
+    assert json.loads((runs / 'generalist' / 'checkpoint.json').read_text())['step'] == 5
+    assert resumed.trained_cells == {'V1A3', 'V2A3'}
+    # the same zoo as a run that was never interrupted
+    whole = Zoo.open(
+        train_zoo(
+            [_volume()], out_dir=tmp_path / 'whole', work_dir=tmp_path / 'wr', loss_fn=_l1,
+            **common,
+        )
+    )  # fmt: skip
+    for cell in ('V1A3', 'V2A3'):
+        a, b = resumed.load_state_dict(cell), whole.load_state_dict(cell)
+        assert all(torch.equal(a[key], b[key]) for key in a), cell

@@ -84,9 +84,10 @@ def build_parser():
     )
     parser.add_argument(
         '--precision',
-        choices=('fp32', 'bf16'),
-        default='fp32',
-        help='arithmetic of the expert (bf16: about twice as fast on CPU; default: %(default)s)',
+        choices=('auto', 'fp32', 'bf16'),
+        default='auto',
+        help='arithmetic of the expert; auto (default) is bf16 where the CPU or GPU computes '
+        'it natively (about twice as fast), else fp32',
     )
     parser.add_argument('--quiet', '-q', action='store_true', help='no progress bar')
     return parser

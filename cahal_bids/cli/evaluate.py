@@ -1,18 +1,27 @@
 """``cahal-eval``: the paper's evaluation protocol on the user's own high-resolution images.
 
-Each input is prepared as for training (or given as a prepared cache entry), then every
-cell of the grid is simulated ``--realizations`` times and the trilinear reference, cubic
-B-spline and CAHAL (``--zoo``) are compared. Writes ``cases.json`` (every case, seeds
-included) and ``tables.md`` (PSNR by volume bin and by cell, Mann-Whitney U two-sided
-with Bonferroni correction against the reference).
+Inputs are high-resolution NIfTI images, folders prepared by ``cahal-train prepare``, or
+BIDS datasets (their T1w or FLAIR images, narrowed by ``--participant-label`` and
+``--bids-filter-file``). Each is prepared as for training, then every cell of the grid is
+simulated ``--realizations`` times and the trilinear reference, cubic B-spline, CAHAL
+(``--zoo``) and any ``--method NAME=COMMAND`` are compared. Writes ``cases.json`` (every
+case, seeds included), ``tables.md`` (PSNR by volume bin and by cell, Mann-Whitney U
+two-sided with Bonferroni correction against the reference; tissue Dice and volumetric
+bias with a segmenter), figures and ``report.html``. Finished cells are kept in
+``OUT/cases/``: the same command run again resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from cahal_bids.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, make_parser, report_error
 
@@ -26,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs='+',
         type=Path,
         metavar='INPUT',
-        help='high-resolution NIfTI images, or folders prepared by `cahal-train prepare`',
+        help='high-resolution NIfTI images, folders prepared by `cahal-train prepare`, or '
+        'BIDS datasets',
     )
     parser.add_argument('--out', type=Path, required=True, help='folder for the results')
     parser.add_argument('--zoo', type=Path, help='zoo to evaluate (default: the shipped one)')
@@ -34,6 +44,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--realizations', type=int, default=3)
     parser.add_argument('--cells', nargs='+', default=None, help='cells (default: all 18)')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument(
+        '--participant-label',
+        '--participant_label',
+        nargs='+',
+        default=None,
+        help='BIDS inputs: only these participants (with or without "sub-")',
+    )
+    parser.add_argument(
+        '--bids-filter-file',
+        '--bids_filter_file',
+        type=Path,
+        default=None,
+        help='BIDS inputs: JSON of PyBIDS entities per query ("t1w", "flair"), as cahal-bids',
+    )
+    parser.add_argument(
+        '--method',
+        action='append',
+        default=[],
+        metavar='NAME=COMMAND',
+        help='another method to compare: a command line with {input} (the simulated '
+        'low-resolution NIfTI) and {output} (where it writes its estimate); repeatable',
+    )
+    parser.add_argument(
+        '--method-timeout',
+        '--method_timeout',
+        type=float,
+        default=3600.0,
+        help='seconds an external method may take per case (default %(default)s)',
+    )
+    parser.add_argument(
+        '--segmenter',
+        type=Path,
+        default=None,
+        help='frozen tissue segmenter folder: adds tissue Dice, volume errors and the '
+        'volumetric bias (default: none)',
+    )
     parser.add_argument(
         '--no-denoise',
         '--no_denoise',
@@ -46,29 +92,185 @@ def build_parser() -> argparse.ArgumentParser:
         help='also insert synthetic lesions and measure how much of their contrast and '
         'volume each method keeps (lesions.json, lesions.md)',
     )
+    parser.add_argument(
+        '--real-lesions',
+        '--real_lesions',
+        action='store_true',
+        help='FLAIR: also find hyperintense lesions in the ground truth by a fixed threshold '
+        'and measure each method on them (real_lesions.json, real_lesions.md)',
+    )
+    parser.add_argument(
+        '--no-flat-check',
+        '--no_flat_check',
+        action='store_true',
+        help='skip the full-size flat-region (no hallucination) check',
+    )
     parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
     parser.add_argument('--threads', type=int, default=None)
     parser.add_argument('--quiet', '-q', action='store_true')
     return parser
 
 
-def _prepared_entries(args: argparse.Namespace):
+def _is_bids_dataset(path: Path) -> bool:
+    return (
+        path.is_dir()
+        and (path / 'dataset_description.json').is_file()
+        and not (path / 'prepared.json').is_file()
+    )
+
+
+def _input_files(args: argparse.Namespace) -> list[Path | tuple[Path, str]]:
+    """Images and prepared folders; BIDS datasets expanded to their matching images."""
+    from cahal_bids.bids import collect_images, load_bids_filters, read_layout
+
+    found: list[Path | tuple[Path, str]] = []
+    filters = load_bids_filters(args.bids_filter_file) if args.bids_filter_file else None
+    for path in args.inputs:
+        if _is_bids_dataset(path):
+            layout = read_layout(path, validate=False)
+            images = collect_images(
+                layout,
+                participant_labels=args.participant_label,
+                modalities=(args.modality,),
+                filters=filters,
+            )
+            for subject_images in images.values():
+                found += [(image.path, _bids_entry_name(image)) for image in subject_images]
+        else:
+            found.append(path)
+    return found
+
+
+def _bids_entry_name(image: Any) -> str:
+    name = image.path.name
+    for suffix in ('.nii.gz', '.nii'):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _prepared_entries(args: argparse.Namespace) -> list[Any]:
+    from cahal_bids.errors import CahalError
     from cahal_bids.preparation import PreparedVolume, prepare_image
 
     entries = []
-    for path in args.inputs:
+    for item in _input_files(args):
+        path = item[0] if isinstance(item, tuple) else item
         if path.is_dir():
             entries.append(PreparedVolume.load(path))
-        else:
-            entries.append(
-                prepare_image(
-                    path,
-                    args.out / 'prepared',
-                    modality=args.modality,
-                    denoise=not args.no_denoise,
-                )
+            continue
+        if not path.exists():
+            raise CahalError(f'{path}: input not found')
+        entries.append(
+            prepare_image(
+                path,
+                args.out / 'prepared',
+                modality=args.modality,
+                denoise=not args.no_denoise,
             )
+        )
     return entries
+
+
+def _fingerprint(args: argparse.Namespace, zoo: Any, methods: dict[str, str]) -> str:
+    """What makes a finished cell reusable: same zoo, protocol, methods and segmenter."""
+    zoo_bytes = (Path(zoo.path) / 'manifest.json').read_bytes()
+    segmenter_bytes = (
+        (args.segmenter / 'segmenter.json').read_bytes() if args.segmenter is not None else b''
+    )
+    content = json.dumps(
+        {
+            'zoo': hashlib.sha256(zoo_bytes).hexdigest(),
+            'segmenter': hashlib.sha256(segmenter_bytes).hexdigest(),
+            'realizations': args.realizations,
+            'seed': args.seed,
+            'methods': methods,
+            'format': 2,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+class ExampleSlices:
+    """Keeps, for the first realization of each cell, one slice through the thick axis."""
+
+    def __init__(self) -> None:
+        self.slices: dict[str, np.ndarray] = {}
+        self.axis: int = 0
+
+    def __call__(self, *, cell, realization, resolution, truth, estimates) -> None:
+        if realization != 0:
+            return
+        thick = int(np.argmax(resolution))
+        axis = next(a for a in (1, 0, 2) if a != thick)  # coronal unless coronal is thick
+        index = truth.shape[axis] // 2
+        self.axis = axis
+        self.slices = {'truth': np.take(truth, index, axis=axis).astype(np.float32)}
+        for name, estimate in estimates.items():
+            self.slices[name] = np.take(estimate, index, axis=axis).astype(np.float32)
+
+
+def _evaluate_cell(
+    entry: Any,
+    cell: str,
+    *,
+    args: argparse.Namespace,
+    enhancer: Any,
+    extra: dict[str, Any],
+    segmenter: Any,
+    fingerprint: str,
+    cache: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """One cell of one subject, from ``OUT/cases`` when it was finished before."""
+    from cahal_bids.atomic import atomic_path
+    from cahal_bids.evaluation import evaluate_volume
+    from cahal_bids.inference import write_json_atomic
+
+    folder = args.out / 'cases' / entry.directory.name
+    record_path = folder / f'{cell}.json'
+    if record_path.exists():
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            record = {}
+        if record.get('fingerprint') == fingerprint:
+            return list(record['cases'])
+    if 'image' not in cache:
+        cache['image'] = entry.image()
+        cache['mask'] = entry.head_mask()
+    examples = ExampleSlices()
+    cases = evaluate_volume(
+        cache['image'],
+        cache['mask'],
+        entry.affine,
+        subject=entry.directory.name,
+        enhancer=enhancer,
+        cells=(cell,),
+        realizations=args.realizations,
+        seed=args.seed,
+        extra_methods=extra,
+        segmenter=segmenter,
+        on_estimates=examples,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    if examples.slices:
+        with atomic_path(folder / f'{cell}_slices.npz') as temporary, open(temporary, 'wb') as f:
+            np.savez_compressed(f, axis=np.array(examples.axis), **examples.slices)
+    rows = [case.as_dict() for case in cases]
+    write_json_atomic(record_path, {'fingerprint': fingerprint, 'cell': cell, 'cases': rows})
+    return rows
+
+
+def _summary_from_dicts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    from cahal_bids.evaluation import EvaluationCase, summarize
+
+    cases = []
+    for row in rows:
+        values = dict(row)
+        values['resolution'] = tuple(values['resolution'])
+        cases.append(EvaluationCase(**values))
+    return summarize(cases)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,7 +279,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from cahal_bids.cli.enhance import default_threads
     from cahal_bids.errors import CahalError
-    from cahal_bids.evaluation import evaluate_volume, markdown_tables, summarize
+    from cahal_bids.evaluation import (
+        markdown_tables,
+        mean_dice,
+        volumetric_bias,
+        volumetric_bias_table,
+    )
+    from cahal_bids.external_methods import command_method, parse_method_spec
     from cahal_bids.inference import Enhancer, resolve_device, write_json_atomic
     from cahal_bids.routing import CELLS
     from cahal_bids.zoo import Zoo, default_zoo_path
@@ -87,48 +295,119 @@ def main(argv: Sequence[str] | None = None) -> int:
     if set(cells) - set(CELLS):
         report_error(PROG, f'unknown cells {sorted(set(cells) - set(CELLS))}')
         return EXIT_USAGE
+    if args.realizations < 1:
+        report_error(PROG, f'--realizations must be at least 1, got {args.realizations}')
+        return EXIT_USAGE
+    if args.real_lesions and args.modality != 'FLAIR':
+        report_error(PROG, '--real-lesions finds hyperintense lesions: use it with FLAIR')
+        return EXIT_USAGE
     try:
+        templates = dict(parse_method_spec(spec) for spec in args.method)
+        if len(templates) != len(args.method):
+            raise CahalError('two --method options share a name')
         zoo = Zoo.open(args.zoo if args.zoo else default_zoo_path(args.modality))
-        enhancer = Enhancer(zoo, device=resolve_device(args.device))
+        device = resolve_device(args.device)
+        enhancer = Enhancer(zoo, device=device)
+        segmenter = None
+        if args.segmenter is not None:
+            from cahal_bids.segmenter import load_segmenter
+
+            segmenter = load_segmenter(args.segmenter, device=device)
         args.out.mkdir(parents=True, exist_ok=True)
         entries = _prepared_entries(args)
     except CahalError as error:
         report_error(PROG, str(error))
         return EXIT_USAGE
-    cases = []
+    extra = {
+        name: command_method(name, template, timeout_s=args.method_timeout)
+        for name, template in templates.items()
+    }
+    fingerprint = _fingerprint(args, zoo, templates)
+    rows: list[dict[str, Any]] = []
+    progress = None if args.quiet else (lambda text: print(text, file=sys.stderr))
     for entry in entries:
-        subject = entry.directory.name
-        progress = None if args.quiet else (lambda text: print(text, file=sys.stderr))
-        try:
-            cases += evaluate_volume(
-                entry.image(),
-                entry.head_mask(),
-                entry.affine,
-                subject=subject,
-                enhancer=enhancer,
-                cells=cells,
-                realizations=args.realizations,
-                seed=args.seed,
-                progress=progress,
-            )
-        except CahalError as error:
-            report_error(PROG, f'{entry.directory}: {error}')
-            return EXIT_FAILURE
+        cache: dict[str, Any] = {}
+        for cell in cells:
+            try:
+                rows += _evaluate_cell(
+                    entry,
+                    cell,
+                    args=args,
+                    enhancer=enhancer,
+                    extra=extra,
+                    segmenter=segmenter,
+                    fingerprint=fingerprint,
+                    cache=cache,
+                )
+            except CahalError as error:
+                report_error(PROG, f'{entry.directory}: {error}')
+                return EXIT_FAILURE
+            if progress is not None:
+                progress(f'{PROG}: {entry.directory.name} {cell} done')
+    methods = {'trilinear': None, 'cubic': None, 'cahal': None, **extra}
+    summary = _summary_from_dicts(rows)
+    tables = markdown_tables(summary)
+    bias = volumetric_bias(rows)
+    dice = mean_dice(rows)
+    tissue_md = volumetric_bias_table(bias, dice)
+    if tissue_md:
+        tables += (
+            '\nTissue classes of the frozen segmenter: mean relative volume error against the '
+            'ground truth [95 % interval] and mean Dice:\n\n' + tissue_md
+        )
     lesion_rows: list[dict] = []
-    if args.lesions:
+    real_lesion_rows: list[dict] = []
+    if args.lesions or args.real_lesions:
         from cahal_bids.evaluation import cahal_method, cubic_bspline, trilinear
-        from cahal_bids.lesions import evaluate_lesions
+        from cahal_bids.lesions import evaluate_lesions, evaluate_real_lesions
 
-        methods = {'trilinear': trilinear, 'cubic': cubic_bspline, 'cahal': cahal_method(enhancer)}
+        lesion_methods = {
+            'trilinear': trilinear,
+            'cubic': cubic_bspline,
+            'cahal': cahal_method(enhancer),
+            **extra,
+        }
         for entry in entries:
-            lesion_rows += evaluate_lesions(
-                entry.image(),
-                entry.brain_mask(),
-                subject=entry.directory.name,
-                methods=methods,
-                seed=args.seed,
+            if args.lesions:
+                lesion_rows += evaluate_lesions(
+                    entry.image(),
+                    entry.brain_mask(),
+                    subject=entry.directory.name,
+                    methods=lesion_methods,
+                    seed=args.seed,
+                )
+            if args.real_lesions:
+                real_lesion_rows += evaluate_real_lesions(
+                    entry.image(),
+                    entry.brain_mask(),
+                    subject=entry.directory.name,
+                    methods=lesion_methods,
+                    seed=args.seed,
+                )
+    flat: dict[str, Any] = {}
+    if not args.no_flat_check and entries:
+        from cahal_bids.flat_regions import flat_region_changes
+
+        shape = entries[0].image().shape
+        low_shape = (shape[0], shape[1], max(shape[2] // 4, 4))
+        flat = {
+            'low_resolution_shape': list(low_shape),
+            'changes': flat_region_changes(enhancer, low_shape),
+        }
+        lines = [
+            '| image | mean change | 95th percentile | max |',
+            '| --- | ---: | ---: | ---: |',
+        ]
+        for name, change in flat['changes'].items():
+            lines.append(
+                f'| {name} | {change["mean_percent"]:.2f} % | {change["p95_percent"]:.2f} % | '
+                f'{change["max_percent"]:.2f} % |'
             )
-    summary = summarize(cases)
+        tables += (
+            f'\nFlat regions (no detail to restore), {low_shape[0]} x {low_shape[1]} x '
+            f'{low_shape[2]} voxels at 1 x 1 x 4 mm, change made by CAHAL relative to the '
+            'exact input:\n\n' + '\n'.join(lines) + '\n'
+        )
     write_json_atomic(
         args.out / 'cases.json',
         {
@@ -136,11 +415,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             'inputs': [str(entry.source) for entry in entries],
             'realizations': args.realizations,
             'seed': args.seed,
-            'cases': [case.as_dict() for case in cases],
+            'methods': {name: templates.get(name, 'built-in') for name in methods},
+            'segmenter': None if args.segmenter is None else str(args.segmenter),
+            'cases': rows,
             'summary_psnr': summary,
+            'volumetric_bias': bias,
+            'mean_dice': dice,
+            'flat_regions': flat,
         },
     )
-    tables = markdown_tables(summary)
     (args.out / 'tables.md').write_text(tables)
     if lesion_rows:
         from cahal_bids.lesions import lesion_table
@@ -150,13 +433,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.out / 'lesions.md').write_text(lesions_md)
         tables += '\nLesion preservation (contrast ratio / volume ratio; 1.00 = as in truth):\n\n'
         tables += lesions_md
+    if real_lesion_rows:
+        from cahal_bids.lesions import lesion_table
+
+        write_json_atomic(
+            args.out / 'real_lesions.json', {'seed': args.seed, 'rows': real_lesion_rows}
+        )
+        real_md = lesion_table(real_lesion_rows)
+        (args.out / 'real_lesions.md').write_text(real_md)
+        count = len({(r['subject'], r['lesion']) for r in real_lesion_rows})
+        tables += (
+            f'\nReal lesions ({count} thresholded hyperintense lesions; contrast ratio / '
+            'volume ratio; 1.00 = as in truth):\n\n' + real_md
+        )
+    elif args.real_lesions:
+        tables += '\nReal lesions: no hyperintense lesion found by the threshold.\n'
     from cahal_bids.evaluation_report import write_evaluation_report
 
     write_evaluation_report(
         args.out,
-        [case.as_dict() for case in cases],
+        rows,
         tables=tables,
         title=f'cahal-eval: {zoo.name} {zoo.version} ({args.modality})',
+        slices_dir=args.out / 'cases' / entries[0].directory.name if entries else None,
     )
     if not args.quiet:
         print(tables)

@@ -82,6 +82,15 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.1,
         help='weight of the semantic Dice term (0 disables it)',
     )
+    parser.add_argument(
+        '--ground-truth-blur',
+        '--ground_truth_blur',
+        type=float,
+        default=0.6,
+        metavar='SIGMA',
+        help='largest Gaussian sigma (voxels) giving half of the ground-truth crops a random '
+        'effective resolution (0 disables it)',
+    )
     parser.add_argument('--cells', nargs='+', default=None, help='cells to train (default all)')
     parser.add_argument(
         '--time-budget-per-expert',
@@ -130,6 +139,14 @@ def _add_segmenter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--modality', choices=('T1w', 'FLAIR'), default='T1w')
     parser.add_argument('--steps', type=int, default=1500)
     parser.add_argument('--patch-size', '--patch_size', type=int, default=64)
+    parser.add_argument(
+        '--validation-dir',
+        '--validation_dir',
+        type=Path,
+        default=None,
+        help='prepared folder (held-out subjects) whose Dice against the proxy labels is '
+        'recorded in the segmenter manifest',
+    )
     parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
     parser.add_argument('--threads', type=int, default=None)
     parser.add_argument('--seed', type=int, default=0)
@@ -170,6 +187,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     from cahal_bids.prepared import load_training_volumes
     from cahal_bids.routing import CELLS
     from cahal_bids.segmenter import load_segmenter
+    from cahal_bids.training import TrainingInterrupted
     from cahal_bids.zoo import Zoo
     from cahal_bids.zoo_training import ZooTrainingConfig, train_zoo
 
@@ -209,6 +227,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         plateau_patience=args.plateau_patience,
         early_stop_patience=args.early_stop_patience,
         lr_schedule=args.lr_schedule,
+        ground_truth_blur=args.ground_truth_blur,
     )
     if init_zoo is not None and warm_start is not None:
         report_error(PROG, '--init-zoo and --warm-start exclude each other')
@@ -218,18 +237,26 @@ def _run_fit(args: argparse.Namespace) -> int:
         segmenter=segmenter,
         seg_weight=config.seg_weight,
     ).to(device)
-    path = train_zoo(
-        volumes,
-        out_dir=args.out,
-        work_dir=args.work_dir,
-        config=config,
-        loss_fn=loss,
-        device=device,
-        init_zoo=init_zoo,
-        warm_start=warm_start,
-        data_sources=sources,
-        progress=not args.quiet,
-    )
+    try:
+        path = train_zoo(
+            volumes,
+            out_dir=args.out,
+            work_dir=args.work_dir,
+            config=config,
+            loss_fn=loss,
+            device=device,
+            init_zoo=init_zoo,
+            warm_start=warm_start,
+            data_sources=sources,
+            progress=not args.quiet,
+        )
+    except TrainingInterrupted as error:
+        report_error(
+            PROG,
+            f'{error}; no zoo written, rerun the same command to resume from the '
+            f'checkpoints in {args.work_dir}',
+        )
+        return EXIT_FAILURE
     print(f'{PROG}: zoo written to {path}')
     return EXIT_OK
 
@@ -240,13 +267,18 @@ def _run_segmenter(args: argparse.Namespace) -> int:
     from cahal_bids.errors import CahalError
     from cahal_bids.inference import resolve_device
     from cahal_bids.prepared import load_labelled_volumes
-    from cahal_bids.segmenter import save_segmenter, train_segmenter
+    from cahal_bids.segmenter import save_segmenter, train_segmenter, validation_dice
 
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     _set_threads(args.threads)
     try:
         device = resolve_device(args.device)
         pairs, sources = load_labelled_volumes(args.cache_dir, modality=args.modality)
+        held_out, held_out_sources = (
+            load_labelled_volumes(args.validation_dir, modality=args.modality)
+            if args.validation_dir
+            else ([], [])
+        )
     except CahalError as error:
         report_error(PROG, str(error))
         return EXIT_USAGE
@@ -258,11 +290,21 @@ def _run_segmenter(args: argparse.Namespace) -> int:
         device=str(device),
         modality=args.modality,
     )
+    validation = None
+    if held_out:
+        names = [str(record['entry']) for record in held_out_sources]
+        validation = {
+            'what': 'Dice against the proxy (Atropos) labels of held-out subjects',
+            'dice': validation_dice(model, held_out, names),
+        }
+        for name, scores in validation['dice'].items():
+            print(f'{PROG}: validation Dice {name}: {scores}')
     save_segmenter(
         model,
         args.out,
         modality=args.modality,
         provenance={'steps': args.steps, 'seed': args.seed, 'data': list(sources)},
+        validation=validation,
     )
     print(f'{PROG}: segmenter written to {args.out}')
     return EXIT_OK

@@ -56,7 +56,9 @@ class _CahalEnhanceInputSpec(BaseInterfaceInputSpec):
     zoo = traits.Str(mandatory=True, desc='zoo folder')
     zoo_id = traits.Str(mandatory=True, desc='zoo name, version and manifest hash (cache key)')
     device = traits.Enum('auto', 'cpu', 'cuda', usedefault=True, desc='torch device')
-    precision = traits.Enum('fp32', 'bf16', usedefault=True, desc='expert arithmetic')
+    precision = traits.Enum(
+        'auto', 'fp32', 'bf16', usedefault=True, desc='expert arithmetic (auto: bf16 if native)'
+    )
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc='torch CPU threads')
 
 

@@ -22,7 +22,7 @@ def init_enhance_wf(
     zoo: str,
     omp_nthreads: int,
     zoo_id: str = '',
-    precision: str = 'fp32',
+    precision: str = 'auto',
     seed: int = 0,
     name: str = 'enhance_wf',
 ) -> pe.Workflow:
