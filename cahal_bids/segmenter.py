@@ -52,6 +52,7 @@ __all__ = [
     'SEGMENTER_WEIGHTS',
     'SegmenterError',
     'TissueSegmenter',
+    'default_segmenter_path',
     'dice_per_class',
     'load_segmenter',
     'read_segmenter_manifest',
@@ -370,6 +371,22 @@ def read_segmenter_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(architecture, dict) or architecture.get('name') != 'TissueSegmenter':
         raise SegmenterError(f'{path}: unsupported architecture {architecture!r}')
     return manifest
+
+
+SHIPPED_SEGMENTERS = {'T1w': 'segmenter-t1w', 'FLAIR': 'segmenter-flair'}
+"""Folders under ``cahal_bids/zoos`` holding the shipped segmenters."""
+
+
+def default_segmenter_path(modality: str) -> Path | None:
+    """The segmenter shipped for ``modality``, or None when this version ships none."""
+    from importlib import resources
+
+    if modality not in SHIPPED_SEGMENTERS:
+        raise SegmenterError(
+            f'unknown modality {modality!r}; expected one of {sorted(SHIPPED_SEGMENTERS)}'
+        )
+    path = Path(str(resources.files('cahal_bids').joinpath('zoos', SHIPPED_SEGMENTERS[modality])))
+    return path if (path / SEGMENTER_MANIFEST).is_file() else None
 
 
 def load_segmenter(

@@ -53,6 +53,21 @@ def test_eval_writes_cases_and_tables(tmp_path, make_nifti, make_zoo, capsys):
     # an identity expert is exactly the trilinear reference
     overall = record['summary_psnr']['by_bin']['overall']
     assert abs(overall['cahal']['mean'] - overall['trilinear']['mean']) < 1e-3
+    # the shipped T1w segmenter is used by default, and can be turned off
+    from cahal_bids.segmenter import default_segmenter_path
+
+    shipped = default_segmenter_path('T1w')
+    if shipped is not None:
+        assert record['segmenter'] == str(shipped)
+        assert all(case['dice'] for case in record['cases'])
+    code = evaluate.main(
+        [str(source), '--zoo', str(zoo), '--out', str(tmp_path / 'plain'), '--no-denoise',
+         '--cells', 'V3A2', '--realizations', '1', '--quiet', '--no-segmenter',
+         '--no-flat-check']
+    )  # fmt: skip
+    assert code == 0
+    plain = json.loads((tmp_path / 'plain' / 'cases.json').read_text())
+    assert plain['segmenter'] is None and all(case['dice'] is None for case in plain['cases'])
 
 
 def test_eval_rejects_unknown_cells(tmp_path, make_nifti, make_zoo, capsys):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -42,3 +45,20 @@ def test_no_detail_is_invented_on_flat_regions(modality, one_thread):
         else:
             assert change['mean_percent'] < 1.5, (modality, name, change)
             assert change['p95_percent'] < 6.0, (modality, name, change)
+
+
+def test_shipped_segmenter_is_intact_validated_and_documented():
+    from cahal_bids.segmenter import default_segmenter_path, load_segmenter, segment_volume
+
+    path = default_segmenter_path('T1w')
+    if path is None:
+        pytest.skip('no T1w segmenter shipped')
+    model = load_segmenter(path)
+    assert model.class_names == ('background', 'CSF', 'GM', 'WM')
+    manifest = json.loads((path / 'segmenter.json').read_text())
+    dice = manifest['validation']['dice']
+    assert 'sub-stroke01_T1w' in dice and min(dice['sub-stroke01_T1w'].values()) > 0.5
+    card = (path / 'MODEL_CARD.md').read_text()
+    assert 'Data credits' in card and f'{dice["sub-stroke01_T1w"]["WM"]:.3f}' in card
+    labels = segment_volume(model, np.zeros((16, 16, 16), dtype=np.float32))
+    assert labels.shape == (16, 16, 16) and labels.dtype == np.uint8

@@ -73,12 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=3600.0,
         help='seconds an external method may take per case (default %(default)s)',
     )
-    parser.add_argument(
+    tissue = parser.add_mutually_exclusive_group()
+    tissue.add_argument(
         '--segmenter',
         type=Path,
         default=None,
-        help='frozen tissue segmenter folder: adds tissue Dice, volume errors and the '
-        'volumetric bias (default: none)',
+        help='frozen tissue segmenter folder for tissue Dice, volume errors and the '
+        'volumetric bias (default: the one shipped for the modality, if any)',
+    )
+    tissue.add_argument(
+        '--no-segmenter',
+        '--no_segmenter',
+        action='store_true',
+        help='no tissue measures',
     )
     parser.add_argument(
         '--no-denoise',
@@ -309,6 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = resolve_device(args.device)
         enhancer = Enhancer(zoo, device=device)
         segmenter = None
+        if args.segmenter is None and not args.no_segmenter:
+            from cahal_bids.segmenter import default_segmenter_path
+
+            args.segmenter = default_segmenter_path(args.modality)
         if args.segmenter is not None:
             from cahal_bids.segmenter import load_segmenter
 
