@@ -84,7 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--levels', type=int, default=4)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32')
+    parser.add_argument(
+        '--precision',
+        choices=('auto', 'fp32', 'bf16'),
+        default='auto',
+        help="the expert's arithmetic (default auto, as cahal-enhance)",
+    )
     parser.add_argument('--zoo', type=Path, help='a real zoo instead of random weights')
     args = parser.parse_args(argv)
 
@@ -146,13 +151,15 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f'output grid {sidecar["output_shape"]}, expert cell {sidecar["cell"]}, '
-        f'tile {sidecar["tile_size"]}, device {sidecar["device"]}, threads {args.threads}'
+        f'tile {sidecar["tile_size"]}, device {sidecar["device"]}, threads {args.threads}, '
+        f'precision {sidecar["precision"]}'
     )
     print()
     print('| run | seconds | peak RSS (GiB) |')
     print('| --- | ---: | ---: |')
     print(
-        f'| cahal-enhance end to end (F={args.filters}, {args.levels} levels, {args.precision}) '
+        f'| cahal-enhance end to end (F={args.filters}, {args.levels} levels, '
+        f'{sidecar["precision"]}) '
         f'| {enhance_s:.1f} | {enhance_gib:.2f} |'
     )
     print(f'| SynthSR-sized U-Net forward only | {forward_s:.1f} | {peak_synth_gib:.2f} |')
