@@ -126,11 +126,11 @@ def _is_bids_dataset(path: Path) -> bool:
     )
 
 
-def _input_files(args: argparse.Namespace) -> list[Path | tuple[Path, str]]:
+def _input_files(args: argparse.Namespace) -> list[Path]:
     """Images and prepared folders; BIDS datasets expanded to their matching images."""
     from cahal_bids.bids import collect_images, load_bids_filters, read_layout
 
-    found: list[Path | tuple[Path, str]] = []
+    found: list[Path] = []
     filters = load_bids_filters(args.bids_filter_file) if args.bids_filter_file else None
     for path in args.inputs:
         if _is_bids_dataset(path):
@@ -142,18 +142,10 @@ def _input_files(args: argparse.Namespace) -> list[Path | tuple[Path, str]]:
                 filters=filters,
             )
             for subject_images in images.values():
-                found += [(image.path, _bids_entry_name(image)) for image in subject_images]
+                found += [image.path for image in subject_images]
         else:
             found.append(path)
     return found
-
-
-def _bids_entry_name(image: Any) -> str:
-    name = image.path.name
-    for suffix in ('.nii.gz', '.nii'):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _prepared_entries(args: argparse.Namespace) -> list[Any]:
@@ -161,8 +153,7 @@ def _prepared_entries(args: argparse.Namespace) -> list[Any]:
     from cahal_bids.preparation import PreparedVolume, prepare_image
 
     entries = []
-    for item in _input_files(args):
-        path = item[0] if isinstance(item, tuple) else item
+    for path in _input_files(args):
         if path.is_dir():
             entries.append(PreparedVolume.load(path))
             continue
