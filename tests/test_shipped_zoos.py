@@ -47,18 +47,20 @@ def test_no_detail_is_invented_on_flat_regions(modality, one_thread):
             assert change['p95_percent'] < 6.0, (modality, name, change)
 
 
-def test_shipped_segmenter_is_intact_validated_and_documented():
+@pytest.mark.parametrize('modality', MODALITIES)
+def test_shipped_segmenter_is_intact_validated_and_documented(modality):
     from cahal_bids.segmenter import default_segmenter_path, load_segmenter, segment_volume
 
-    path = default_segmenter_path('T1w')
+    path = default_segmenter_path(modality)
     if path is None:
-        pytest.skip('no T1w segmenter shipped')
+        pytest.skip(f'no {modality} segmenter shipped')
     model = load_segmenter(path)
     assert model.class_names == ('background', 'CSF', 'GM', 'WM')
     manifest = json.loads((path / 'segmenter.json').read_text())
-    dice = manifest['validation']['dice']
-    assert 'sub-stroke01_T1w' in dice and min(dice['sub-stroke01_T1w'].values()) > 0.5
+    assert manifest['modality'] == modality
+    dice = manifest['validation']['dice'][f'sub-stroke01_{modality}']
+    assert min(dice.values()) > 0.5
     card = (path / 'MODEL_CARD.md').read_text()
-    assert 'Data credits' in card and f'{dice["sub-stroke01_T1w"]["WM"]:.3f}' in card
+    assert 'Data credits' in card and f'{dice["WM"]:.3f}' in card
     labels = segment_volume(model, np.zeros((16, 16, 16), dtype=np.float32))
     assert labels.shape == (16, 16, 16) and labels.dtype == np.uint8
