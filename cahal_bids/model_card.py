@@ -75,11 +75,30 @@ def render_model_card(
         '',
     ]
     if training:
+        if training.get('init_zoo'):
+            schedule = (
+                f'- experts: each started from the expert of its cell in '
+                f'{training["init_zoo"]} (no generalist), then fine-tuned '
+                f'{training.get("steps_per_expert")} steps along the curriculum (per-expert '
+                'steps in the manifest provenance)'
+            )
+        else:
+            schedule = (
+                f'- generalist: {training.get("generalist_steps")} steps (warm start: '
+                f'{training.get("warm_start") or "none"}), then each expert '
+                f'{training.get("steps_per_expert")} steps along the curriculum'
+            )
+        blur = training.get('ground_truth_blur') or 0
         lines += [
             f'- data: {len(training.get("data", []))} prepared volumes (see the credits below)',
-            f'- generalist: {training.get("generalist_steps")} steps (warm start: '
-            f'{training.get("warm_start") or "none"}), then each expert '
-            f'{training.get("steps_per_expert")} steps along the curriculum',
+            schedule,
+            '- augmentation: gain, gamma, bias field, flips'
+            + (
+                f', ground-truth blur (Gaussian, sigma up to {blur} voxel per axis, half of '
+                'the crops)'
+                if blur
+                else ''
+            ),
             f'- patches {training.get("patch_size")}^3, batch {training.get("batch_size")}, '
             f'learning rate {training.get("learning_rate")} ({training.get("lr_schedule")}), '
             f'fine-tuning {training.get("fine_tune_learning_rate")}',
