@@ -100,8 +100,13 @@ def render_model_card(
                 else ''
             ),
             f'- patches {training.get("patch_size")}^3, batch {training.get("batch_size")}, '
-            f'learning rate {training.get("learning_rate")} ({training.get("lr_schedule")}), '
-            f'fine-tuning {training.get("fine_tune_learning_rate")}',
+            + (
+                f'learning rate {training.get("fine_tune_learning_rate")}'
+                if training.get('init_zoo')
+                else f'learning rate {training.get("learning_rate")} '
+                f'({training.get("lr_schedule")}), fine-tuning '
+                f'{training.get("fine_tune_learning_rate")}'
+            ),
             f'- loss: edge-weighted MAE + {training.get("fft_weight")} x Fourier'
             + (
                 f' + {training.get("seg_weight")} x (1 - Dice) of the frozen segmenter'
