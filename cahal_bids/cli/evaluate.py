@@ -370,22 +370,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             **extra,
         }
         for entry in entries:
-            if args.lesions:
-                lesion_rows += evaluate_lesions(
-                    entry.image(),
-                    entry.brain_mask(),
-                    subject=entry.directory.name,
-                    methods=lesion_methods,
-                    seed=args.seed,
-                )
-            if args.real_lesions:
-                real_lesion_rows += evaluate_real_lesions(
-                    entry.image(),
-                    entry.brain_mask(),
-                    subject=entry.directory.name,
-                    methods=lesion_methods,
-                    seed=args.seed,
-                )
+            truth, brain = entry.image(), entry.brain_mask()
+            for wanted, evaluate_rows, found in (
+                (args.lesions, evaluate_lesions, lesion_rows),
+                (args.real_lesions, evaluate_real_lesions, real_lesion_rows),
+            ):
+                if wanted:
+                    found += evaluate_rows(
+                        truth,
+                        brain,
+                        subject=entry.directory.name,
+                        methods=lesion_methods,
+                        seed=args.seed,
+                    )
     flat: dict[str, Any] = {}
     if not args.no_flat_check and entries:
         from cahal_bids.flat_regions import flat_region_changes
