@@ -202,17 +202,21 @@ class Enhancer:
         return self._experts[choice.cell]
 
     def _run_expert(
-        self, network: ResidualUNet3D, volume: torch.Tensor
+        self, network: ResidualUNet3D, volume: torch.Tensor, foreground_level: float
     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Run ``network`` whole when it fits, else tiled so that tiles match the whole.
 
-        Tiles use instance-norm statistics measured on the whole volume (layer by
-        layer from blocks), start on the network's pooling grid and drop a margin
-        of the network's reach at every cut face, so the tiled output equals the
-        whole-volume output to float rounding. When the requested tile is too small
-        for that margin, the margin shrinks to what the tile allows (approximate).
+        Instance-norm statistics follow the zoo's ``norm_statistics``: ``patch-mean``
+        (:mod:`cahal_bids.patch_statistics`; patches centred on voxels above
+        ``foreground_level``) or the whole volume's (measured layer by layer from
+        blocks when tiling). Tiles use these frozen statistics, start on the network's
+        pooling grid and drop a margin of the network's reach at every cut face, so the
+        tiled output equals the whole-volume output to float rounding. When the
+        requested tile is too small for that margin, the margin shrinks to what the
+        tile allows (approximate).
         """
         from cahal_bids.networks import estimate_norm_statistics, estimate_peak_bytes_per_voxel
+        from cahal_bids.patch_statistics import patch_mean_statistics
         from cahal_bids.tiling import (
             available_memory_bytes,
             choose_tile_size,
@@ -228,10 +232,25 @@ class Enhancer:
             )
         else:
             tile = (self.tile_size,) * 3
-        if all(t >= n for t, n in zip(tile, shape, strict=True)):
+        whole = all(t >= n for t, n in zip(tile, shape, strict=True))
+        method = self.zoo.norm_statistics
+        if method['method'] == 'patch-mean':
+            statistics = patch_mean_statistics(
+                network,
+                volume,
+                foreground_level=foreground_level,
+                patch_size=method['patch_size'],
+                patches=method['patches'],
+                seed=method['seed'],
+            )
+        elif whole:
             return network(volume), shape  # type: ignore[return-value]
+        else:
+            statistics = estimate_norm_statistics(network, volume, block_size=tile)
+        if whole:
+            with network.frozen_norm_statistics(statistics):
+                return network(volume), shape  # type: ignore[return-value]
         margin = min(network.receptive_field_radius, (min(tile) - multiple) // 2)
-        statistics = estimate_norm_statistics(network, volume, block_size=tile)
         with network.frozen_norm_statistics(statistics):
             return run_tiled_with_fallback(
                 volume,
@@ -265,7 +284,7 @@ class Enhancer:
         import torch
 
         from cahal_bids.grid import native_grid, resample_to_native_grid
-        from cahal_bids.normalization import RobustScale
+        from cahal_bids.normalization import RobustScale, head_threshold
         from cahal_bids.orientation import Reorientation
 
         if decision.cell is None:
@@ -277,10 +296,16 @@ class Enhancer:
         reorientation = Reorientation.from_affine(affine, data.shape)
         ras = reorientation.to_ras(np.ascontiguousarray(data, dtype=np.float32))
         scaler = RobustScale.from_config(self.zoo.normalization, ras)
+        normalized = scaler.normalize(ras)
+        threshold = head_threshold(
+            normalized,
+            head_fraction=scaler.head_fraction,
+            reference_percentile=scaler.head_reference_percentile,
+        )
         ras_sizes = reorientation.sizes_to_ras(decision.voxel_sizes)
         ras_out_shape = reorientation.sizes_to_ras(grid.shape)
         with torch.inference_mode():
-            low = torch.from_numpy(np.ascontiguousarray(scaler.normalize(ras)))
+            low = torch.from_numpy(np.ascontiguousarray(normalized))
             low = low.to(self.device, torch.float32)
             upsampled = resample_to_native_grid(
                 low, ras_sizes, ras_out_shape, flipped=reorientation.flipped_in_ras
@@ -290,7 +315,9 @@ class Enhancer:
                 dtype=torch.bfloat16,
                 enabled=self.precision == 'bf16',
             ):
-                restored, tile_used = self._run_expert(network, upsampled[None, None])
+                restored, tile_used = self._run_expert(
+                    network, upsampled[None, None], 0.0 if threshold is None else threshold
+                )
             restored_ras = restored[0, 0].to('cpu', torch.float32).numpy()
         output = reorientation.from_ras(scaler.denormalize(restored_ras)).astype(np.float32)
         details = {
@@ -302,6 +329,7 @@ class Enhancer:
                 'sha256': choice.sha256,
             },
             'normalization': scaler.as_dict(),
+            'norm_statistics': self.zoo.norm_statistics,
             'tile_size': list(tile_used),
             'precision': self.precision,
             'tiled': tile_used != tuple(restored_ras.shape),

@@ -29,6 +29,20 @@ def _mean_by_method(cases: Sequence[Mapping[str, Any]], metric: str) -> dict[str
     return {method: float(np.mean(found)) for method, found in values.items()}
 
 
+def _norm_statistics_sentence(entry: Mapping[str, Any] | None) -> str:
+    if entry is None or entry.get('method') != 'patch-mean':
+        return (
+            'Instance-norm statistics at inference: those of the whole 1 mm volume (no '
+            '`norm_statistics` entry in the manifest).'
+        )
+    return (
+        "Instance-norm statistics at inference: as in training, the mean of each layer's "
+        f'per-patch statistics over {entry["patches"]} patches of {entry["patch_size"]}^3 '
+        f'voxels centred in the head (seed {entry["seed"]}), frozen for the whole volume '
+        '(`norm_statistics` in the manifest).'
+    )
+
+
 def render_model_card(
     manifest: Mapping[str, Any],
     evaluation: Mapping[str, Any],
@@ -65,6 +79,8 @@ def render_model_card(
             if 'parameters_per_expert' in training
             else '.'
         ),
+        '',
+        _norm_statistics_sentence(manifest.get('norm_statistics')),
         '',
         'Intended use: thick-slice or low-resolution clinical brain MRI of the modality above, '
         "to obtain a 1 mm image in the patient's native space for visual reading and for "

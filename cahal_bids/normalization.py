@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ['DEFAULT_NORMALIZATION', 'RobustScale', 'head_mask']
+__all__ = ['DEFAULT_NORMALIZATION', 'RobustScale', 'head_mask', 'head_threshold']
 
 DEFAULT_NORMALIZATION: dict[str, Any] = {
     'method': 'robust-scale',
@@ -38,17 +38,29 @@ DEFAULT_NORMALIZATION: dict[str, Any] = {
 ArrayLike = TypeVar('ArrayLike')
 
 
+def head_threshold(
+    image: np.ndarray, *, head_fraction: float = 0.05, reference_percentile: float = 99.9
+) -> float | None:
+    """``head_fraction`` times the image's high percentile; None for an empty image."""
+    finite = image[np.isfinite(image)]
+    if finite.size == 0:
+        return None
+    reference = float(np.percentile(finite, reference_percentile))
+    if reference <= 0:
+        return None
+    return head_fraction * reference
+
+
 def head_mask(
     image: np.ndarray, *, head_fraction: float = 0.05, reference_percentile: float = 99.9
 ) -> np.ndarray:
     """Voxels brighter than ``head_fraction`` times the image's high percentile."""
-    finite = image[np.isfinite(image)]
-    if finite.size == 0:
+    threshold = head_threshold(
+        image, head_fraction=head_fraction, reference_percentile=reference_percentile
+    )
+    if threshold is None:
         return np.zeros(image.shape, dtype=bool)
-    reference = float(np.percentile(finite, reference_percentile))
-    if reference <= 0:
-        return np.zeros(image.shape, dtype=bool)
-    return image > head_fraction * reference
+    return image > threshold
 
 
 @dataclass(frozen=True)

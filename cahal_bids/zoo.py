@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from cahal_bids.atomic import write_bytes_atomic
 from cahal_bids.errors import CahalError
+from cahal_bids.patch_statistics import validated_norm_statistics
 from cahal_bids.routing import ANISOTROPY_BINS, CELLS, VOLUME_BINS
 
 if TYPE_CHECKING:
@@ -197,6 +198,10 @@ class Zoo:
                     f'{member}: sha256 does not match the manifest; the file is corrupted '
                     'or was replaced'
                 )
+        try:
+            validated_norm_statistics(manifest.get('norm_statistics'), where=str(manifest_path))
+        except ValueError as error:
+            raise ZooError(str(error)) from None
         return cls(path=root, manifest=manifest, experts=experts)
 
     @property
@@ -218,6 +223,13 @@ class Zoo:
     @property
     def normalization(self) -> dict[str, Any]:
         return dict(self.manifest['normalization'])
+
+    @property
+    def norm_statistics(self) -> dict[str, Any]:
+        """How the experts' instance-norm statistics are obtained at inference."""
+        return validated_norm_statistics(
+            self.manifest.get('norm_statistics'), where=str(self.path / MANIFEST_NAME)
+        )
 
     @property
     def trained_cells(self) -> frozenset[str]:
@@ -283,12 +295,15 @@ def write_zoo(
     provenance: Mapping[str, Mapping[str, Any]] | None = None,
     validation: Mapping[str, Mapping[str, Any]] | None = None,
     storage_dtype: str = 'float32',
+    norm_statistics: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a zoo folder: one safetensors file per expert, then the manifest.
 
     ``experts`` maps a cell name to a state dict. ``storage_dtype`` may be
     'float32', 'float16' or 'bfloat16' (weights are cast back to float32 on load).
+    ``norm_statistics`` is the manifest entry of :mod:`cahal_bids.patch_statistics`
+    (e.g. ``PATCH_MEAN_DEFAULTS``); without it the zoo uses whole-volume statistics.
     The manifest is written last and atomically, so a half-written zoo never
     opens.
     """
@@ -301,6 +316,11 @@ def write_zoo(
     unknown = sorted(set(experts) - set(CELLS))
     if unknown:
         raise ValueError(f'unknown cells {unknown}; feasible cells are {list(CELLS)}')
+    statistics = (
+        None
+        if norm_statistics is None
+        else validated_norm_statistics(norm_statistics, where='write_zoo')
+    )
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     entries: dict[str, dict[str, Any]] = {}
@@ -329,6 +349,7 @@ def write_zoo(
         'architecture': dict(architecture),
         'normalization': dict(normalization),
         'storage_dtype': storage_dtype,
+        **({} if statistics is None else {'norm_statistics': statistics}),
         'grid': grid_definition(),
         'experts': entries,
         **dict(extra or {}),

@@ -29,6 +29,7 @@ from cahal_bids.acquisition import CellSampler
 from cahal_bids.networks import ResidualUNet3D, count_parameters
 from cahal_bids.normalization import DEFAULT_NORMALIZATION
 from cahal_bids.pairs import GroundTruthBlur, IntensityAugmentation, PairStream, TrainingVolume
+from cahal_bids.patch_statistics import PATCH_MEAN_DEFAULTS
 from cahal_bids.routing import CELLS
 from cahal_bids.training import (
     AnyCellSampler,
@@ -254,6 +255,7 @@ def train_zoo(
         experts=trained,
         provenance=provenance,
         storage_dtype='float16',
+        norm_statistics={**PATCH_MEAN_DEFAULTS, 'patch_size': config.patch_size},
         extra={
             'training': {
                 **asdict(config),

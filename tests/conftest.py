@@ -156,6 +156,7 @@ def write_test_zoo(
     initial_filters: int = 4,
     head_scale: float = 0.05,
     seed: int = 0,
+    norm_statistics: dict[str, Any] | None = None,
 ) -> Path:
     """A zoo of tiny random-weight experts (non-zero heads, so they change the image)."""
     import torch
@@ -184,6 +185,7 @@ def write_test_zoo(
         architecture={'name': 'ResidualUNet3D', 'config': config},
         normalization=DEFAULT_NORMALIZATION,
         experts=experts,
+        norm_statistics=norm_statistics,
     )
 
 

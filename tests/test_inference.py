@@ -117,9 +117,16 @@ def test_already_one_millimetre_is_written_unchanged(tmp_path, make_nifti, test_
     assert result.sidecar['expert'] is None
 
 
-def test_tiled_equals_whole(tmp_path, make_nifti, make_zoo):
+@pytest.mark.parametrize(
+    'norm_statistics',
+    [None, {'method': 'patch-mean', 'patch_size': 16, 'patches': 3, 'seed': 0}],
+    ids=['whole-volume', 'patch-mean'],
+)
+def test_tiled_equals_whole(tmp_path, make_nifti, make_zoo, norm_statistics):
     """Memory-aware tiling leaves no seams: tiled == whole within 1e-4 of the range."""
-    zoo = Zoo.open(make_zoo('tiling', cells=['V4A1'], head_scale=0.3))
+    zoo = Zoo.open(
+        make_zoo('tiling', cells=['V4A1'], head_scale=0.3, norm_statistics=norm_statistics)
+    )
     rng = np.random.default_rng(0)
     data = rng.random((40, 36, 11)).astype(np.float32) * 200
     source = make_nifti(data=data, zooms=(1.0, 1.0, 4.0))
@@ -130,6 +137,7 @@ def test_tiled_equals_whole(tmp_path, make_nifti, make_zoo):
     )
     assert whole.sidecar['tiled'] is False
     assert tiled.sidecar['tiled'] is True
+    assert whole.sidecar['norm_statistics'] == zoo.norm_statistics
     a = np.asarray(nib.load(whole.output_path).dataobj)
     b = np.asarray(nib.load(tiled.output_path).dataobj)
     assert np.abs(a - a.mean()).max() > 0

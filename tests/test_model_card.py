@@ -32,6 +32,19 @@ def test_model_card_reports_the_measured_figures(tmp_path, make_zoo):
     assert 'trilinear 30.00 dB, cahal 31.50 dB' in card
     assert 'cahal-eval X --zoo Z --out E' in card and '- sub-x: MIT' in card
     assert 'sub-stroke01_T1w' in card and '| cahal | 31.5 |' in card
+    assert 'those of the whole 1 mm volume' in card
+
+
+def test_model_card_states_patch_mean_statistics(tmp_path, make_zoo):
+    zoo = make_zoo(cells=['V1A3'], norm_statistics={'method': 'patch-mean', 'patches': 5})
+    evaluation = tmp_path / 'eval'
+    evaluation.mkdir()
+    (evaluation / 'cases.json').write_text(
+        json.dumps({'inputs': [], 'realizations': 1, 'seed': 0, 'cases': []})
+    )
+    (evaluation / 'tables.md').write_text('| PSNR | overall |\n')
+    card = write_model_card(zoo, evaluation, commands=[], data_credits=[]).read_text()
+    assert 'over 5 patches of 64^3 voxels centred in the head (seed 0)' in card
 
 
 def test_model_card_shows_real_lesions_and_ablations_when_measured(tmp_path, make_zoo):

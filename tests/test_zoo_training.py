@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cahal_bids.pairs import TrainingVolume
+from cahal_bids.patch_statistics import PATCH_MEAN_DEFAULTS
 from cahal_bids.training import TrainingInterrupted
 from cahal_bids.zoo import MANIFEST_NAME, Zoo
 from cahal_bids.zoo_training import ZooTrainingConfig, train_zoo
@@ -57,6 +58,11 @@ def test_tiny_zoo_follows_the_curriculum_and_resumes(tmp_path):
     assert provenance['V2A2']['initialised_from'] == 'expert V2A3 (curriculum parent)'
     assert all(entry['steps'] == 2 for entry in provenance.values())
     assert zoo.manifest['training']['data'] == [{'entry': 'noise'}]
+    # inference normalises as training did: patches of the training size
+    assert zoo.norm_statistics == {
+        **PATCH_MEAN_DEFAULTS,
+        'patch_size': zoo.manifest['training']['patch_size'],
+    }
     first = zoo.load_state_dict('V2A2')
     # a rerun finds every run finished and writes the same experts
     again = Zoo.open(train_zoo([_volume()], **options)).load_state_dict('V2A2')

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from cahal_bids.networks import ResidualUNet3D
 from cahal_bids.normalization import DEFAULT_NORMALIZATION
+from cahal_bids.patch_statistics import PATCH_MEAN_DEFAULTS
 from cahal_bids.zoo import write_zoo
 
 
@@ -45,6 +46,7 @@ def main() -> None:
         architecture={'name': 'ResidualUNet3D', 'config': network.config()},
         normalization=DEFAULT_NORMALIZATION,
         experts={'V1A3': state},
+        norm_statistics=PATCH_MEAN_DEFAULTS,
         provenance={'V1A3': {'note': 'checkpoint exported as a one-expert zoo',
                              'steps': meta['step'], 'seconds': round(meta['seconds'], 1)}},
     )  # fmt: skip
