@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     from cahal_bids.networks import ResidualUNet3D
     from cahal_bids.nifti import save_image
     from cahal_bids.normalization import DEFAULT_NORMALIZATION
+    from cahal_bids.patch_statistics import PATCH_MEAN_DEFAULTS
     from cahal_bids.zoo import write_zoo
 
     with tempfile.TemporaryDirectory() as folder:
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                 architecture={'name': 'ResidualUNet3D', 'config': network.config()},
                 normalization=DEFAULT_NORMALIZATION,
                 experts={'V4A1': network.state_dict()},
+                norm_statistics=PATCH_MEAN_DEFAULTS,
             )
         enhance = [
             str(Path(sys.executable).parent / 'cahal-enhance'),

@@ -14,6 +14,7 @@ grid, same values) and the sidecar says so.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -208,13 +209,16 @@ class Enhancer:
 
         Instance-norm statistics follow the zoo's ``norm_statistics``: ``patch-mean``
         (:mod:`cahal_bids.patch_statistics`; patches centred on voxels above
-        ``foreground_level``) or the whole volume's (measured layer by layer from
-        blocks when tiling). Tiles use these frozen statistics, start on the network's
+        ``foreground_level``; folded into the convolutions) or the whole volume's
+        (measured layer by layer from blocks when tiling). Tiles share these frozen
+        statistics, start on the network's
         pooling grid and drop a margin of the network's reach at every cut face, so the
         tiled output equals the whole-volume output to float rounding. When the
         requested tile is too small for that margin, the margin shrinks to what the
         tile allows (approximate).
         """
+        import torch
+
         from cahal_bids.networks import estimate_norm_statistics, estimate_peak_bytes_per_voxel
         from cahal_bids.patch_statistics import patch_mean_statistics
         from cahal_bids.tiling import (
@@ -243,18 +247,25 @@ class Enhancer:
                 patches=method['patches'],
                 seed=method['seed'],
             )
+            # frozen norms are per-channel affine maps: fold them into the convolutions
+            predictor = network.with_folded_norms(statistics)
+            if self.device.type == 'cpu':
+                predictor.to(memory_format=torch.channels_last_3d)
+            frozen = contextlib.nullcontext()
         elif whole:
             return network(volume), shape  # type: ignore[return-value]
         else:
-            statistics = estimate_norm_statistics(network, volume, block_size=tile)
-        if whole:
-            with network.frozen_norm_statistics(statistics):
-                return network(volume), shape  # type: ignore[return-value]
-        margin = min(network.receptive_field_radius, (min(tile) - multiple) // 2)
-        with network.frozen_norm_statistics(statistics):
+            predictor = network
+            frozen = network.frozen_norm_statistics(
+                estimate_norm_statistics(network, volume, block_size=tile)
+            )
+        with frozen:
+            if whole:
+                return predictor(volume), shape  # type: ignore[return-value]
+            margin = min(network.receptive_field_radius, (min(tile) - multiple) // 2)
             return run_tiled_with_fallback(
                 volume,
-                network,
+                predictor,
                 tile_size=tile,
                 overlap=self.overlap,
                 progress=self.progress,

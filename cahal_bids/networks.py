@@ -49,6 +49,7 @@ True
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -446,6 +447,41 @@ class ResidualUNet3D(nn.Module):
         finally:
             for norm, old in zip(norms, previous, strict=True):
                 norm._frozen = old
+
+    def with_folded_norms(self, statistics: NormStatistics) -> ResidualUNet3D:
+        """A copy whose convolutions absorb the norm layers frozen to ``statistics``.
+
+        With frozen statistics each norm layer is a per-channel affine map, so it can be
+        folded into the convolution before it; the copy has no norm layers left and
+        computes the same function as the original inside
+        :meth:`frozen_norm_statistics` (to float rounding), with one pass less over
+        every feature map. The copy is in eval mode, on the original's device.
+        """
+        folded = copy.deepcopy(self).eval()
+        norms = folded.norm_layers()
+        if len(statistics.layers) != len(norms):
+            raise ValueError(
+                f'statistics has {len(statistics.layers)} layers, network has {len(norms)}'
+            )
+        pairs = dict(zip(norms, statistics.layers, strict=True))
+        with torch.no_grad():
+            for block in [*folded.encoders, *folded.decoders]:
+                for index, layer in enumerate(list(block)):
+                    if not isinstance(layer, FreezableInstanceNorm3d):
+                        continue
+                    conv = block[index - 1]
+                    mean, var = (t.to(conv.weight.device, torch.float64) for t in pairs[layer])
+                    scale = layer.weight.double() / torch.sqrt(var + layer.eps)
+                    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
+                    new_conv = nn.Conv3d(
+                        conv.in_channels, conv.out_channels, conv.kernel_size,
+                        padding=conv.padding, bias=True,
+                    ).to(conv.weight.device)  # fmt: skip
+                    new_conv.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1, 1))
+                    new_conv.bias.copy_((bias - mean) * scale + layer.bias.double())
+                    block[index - 1] = new_conv
+                    block[index] = nn.Identity()
+        return folded
 
     def forward(self, x: Tensor) -> Tensor:
         """Restore ``x`` of shape ``(B, in_channels, X, Y, Z)``; any spatial size works."""

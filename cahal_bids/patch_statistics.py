@@ -138,10 +138,7 @@ def patch_mean_statistics(
     sums: dict[Any, list[Tensor]] = {}
 
     def record(layer: Any, inputs: tuple[Tensor, ...]) -> None:
-        x = inputs[0].float()
-        dims = (0, 2, 3, 4)
-        mean = x.mean(dims)
-        var = x.var(dims, unbiased=False)
+        var, mean = torch.var_mean(inputs[0].float(), dim=(0, 2, 3, 4), correction=0)
         if layer in sums:
             sums[layer][0] += mean
             sums[layer][1] += var

@@ -135,3 +135,23 @@ def test_zoo_open_refuses_a_bad_entry(tmp_path, make_zoo) -> None:
 def test_written_zoo_records_its_statistics(make_zoo) -> None:
     folder = make_zoo('pm', cells=['V1A3'], norm_statistics={'method': 'patch-mean'})
     assert Zoo.open(folder).norm_statistics == PATCH_MEAN_DEFAULTS
+
+
+def test_folded_norms_compute_the_frozen_network() -> None:
+    network = _network(3)
+    with torch.no_grad():
+        network.head.weight.normal_(0, 0.3)
+    volume = _head_in_air(shape=(32, 24, 16))
+    statistics = patch_mean_statistics(
+        network, volume, foreground_level=0.3, patch_size=16, patches=4
+    )
+    folded = network.with_folded_norms(statistics)
+    assert not folded.norm_layers() and len(network.norm_layers()) == 6
+    with torch.no_grad():
+        with network.frozen_norm_statistics(statistics):
+            expected = network(volume)
+        got = folded(volume)
+        plain = network(volume)  # the original is untouched
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert (plain - expected).abs().max() > 1e-3
+    assert folded.receptive_field_radius == network.receptive_field_radius
