@@ -29,6 +29,27 @@ def _mean_by_method(cases: Sequence[Mapping[str, Any]], metric: str) -> dict[str
     return {method: float(np.mean(found)) for method, found in values.items()}
 
 
+def _expert_origins(experts: Mapping[str, Any]) -> str:
+    """Where each expert started and how many steps it took, grouped, from provenance."""
+    origins: dict[str, list[str]] = {}
+    steps: dict[str, list[str]] = {}
+    for cell, entry in experts.items():
+        provenance = entry.get('provenance') or {}
+        origin = str(provenance.get('initialised_from', 'not recorded'))
+        if origin.startswith('expert ') and origin.endswith('(curriculum parent)'):
+            origin = 'the curriculum parent as fine-tuned just before in the same run'
+        elif origin.endswith(f' expert {cell}'):
+            origin = f'the same cell of {origin[: -len(f" expert {cell}")]}'
+        origins.setdefault(origin, []).append(cell)
+        steps.setdefault(str(provenance.get('steps', '?')), []).append(cell)
+    started = '; '.join(f'{", ".join(cells)} from {origin}' for origin, cells in origins.items())
+    counted = ', '.join(
+        f'{count} ({", ".join(cells)})' if len(steps) > 1 else count
+        for count, cells in steps.items()
+    )
+    return f'started: {started}; steps per expert: {counted} (manifest provenance)'
+
+
 def _norm_statistics_sentence(entry: Mapping[str, Any] | None) -> str:
     if entry is None or entry.get('method') != 'patch-mean':
         return (
@@ -93,10 +114,8 @@ def render_model_card(
     if training:
         if training.get('init_zoo'):
             schedule = (
-                f'- experts: each started from the expert of its cell in '
-                f'{training["init_zoo"]} (no generalist), then fine-tuned '
-                f'{training.get("steps_per_expert")} steps along the curriculum (per-expert '
-                'steps in the manifest provenance)'
+                '- experts: fine-tuned along the curriculum (no generalist); '
+                + _expert_origins(experts)
             )
         else:
             schedule = (

@@ -63,3 +63,29 @@ def test_model_card_shows_real_lesions_and_ablations_when_measured(tmp_path, mak
     ).read_text()
     assert '### Real lesions' in card and '| method | V4A1 contrast / volume |' in card
     assert '### Ablations' in card and '| g | 1 |' in card
+
+
+def test_model_card_says_where_each_expert_started(tmp_path, make_zoo):
+    zoo = make_zoo(cells=['V1A3', 'V2A3', 'V3A1'])
+    manifest_path = zoo / 'manifest.json'
+    manifest = json.loads(manifest_path.read_text())
+    origins = {
+        'V1A3': ('old-zoo 0.1 expert V1A3', 150),
+        'V2A3': ('expert V1A3 (curriculum parent)', 120),
+        'V3A1': ('old-zoo 0.2 expert V3A1', 300),
+    }
+    for cell, (origin, steps) in origins.items():
+        manifest['experts'][cell]['provenance'] = {'initialised_from': origin, 'steps': steps}
+    manifest['training'] = {'init_zoo': 'old-zoo 0.1', 'data': []}
+    manifest_path.write_text(json.dumps(manifest))
+    evaluation = tmp_path / 'eval'
+    evaluation.mkdir()
+    (evaluation / 'cases.json').write_text(
+        json.dumps({'inputs': [], 'realizations': 1, 'seed': 0, 'cases': []})
+    )
+    (evaluation / 'tables.md').write_text('| PSNR | overall |\n')
+    card = write_model_card(zoo, evaluation, commands=[], data_credits=[]).read_text()
+    assert 'V1A3 from the same cell of old-zoo 0.1' in card
+    assert 'V2A3 from the curriculum parent as fine-tuned just before in the same run' in card
+    assert 'V3A1 from the same cell of old-zoo 0.2' in card
+    assert '150 (V1A3), 120 (V2A3), 300 (V3A1)' in card
