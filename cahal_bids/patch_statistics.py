@@ -4,7 +4,7 @@ An expert learns on small patches (64^3 voxels) centred on head voxels, and each
 its instance-norm layers normalises a patch with that patch's own per-channel mean and
 variance. Run once on a whole field of view, the same layers would use statistics
 dominated by background air: a regime the expert never met in training, which on the
-validation subject cost between 0.3 and 1.7 dB of PSNR depending on the cell.
+validation subject cost between 0.3 and 1.9 dB of PSNR depending on the cell.
 
 :func:`patch_mean_statistics` measures instead what training saw, the mean of each
 layer's per-patch statistics over a few head-centred patches of the training size,
