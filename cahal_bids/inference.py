@@ -211,11 +211,10 @@ class Enhancer:
         (:mod:`cahal_bids.patch_statistics`; patches centred on voxels above
         ``foreground_level``; folded into the convolutions) or the whole volume's
         (measured layer by layer from blocks when tiling). Tiles share these frozen
-        statistics, start on the network's
-        pooling grid and drop a margin of the network's reach at every cut face, so the
-        tiled output equals the whole-volume output to float rounding. When the
-        requested tile is too small for that margin, the margin shrinks to what the
-        tile allows (approximate).
+        statistics, start on the network's pooling grid and drop a margin of the
+        network's reach at every cut face, so the tiled output equals the whole-volume
+        output to float rounding. When the requested tile is too small for that margin,
+        the margin shrinks to what the tile allows (approximate).
         """
         import torch
 

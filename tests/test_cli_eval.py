@@ -129,6 +129,36 @@ def test_eval_resumes_finished_cells(tmp_path, make_nifti, make_zoo, capsys, mon
         _run_eval(source, zoo, out, '--no-flat-check', '--seed', '3')
 
 
+def test_eval_reevaluates_only_the_cells_whose_expert_changed(
+    tmp_path, make_nifti, make_zoo, capsys, monkeypatch
+):
+    import cahal_bids.evaluation as evaluation
+
+    torch.set_num_threads(1)
+    source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0), name='sub-01_T1w.nii.gz')
+    zoo = make_zoo('first', head_scale=0.0)
+    out = tmp_path / 'eval'
+    assert _run_eval(source, zoo, out, '--no-flat-check') == 0, capsys.readouterr().err
+    # a refined V6A1 expert (another zoo's file and sha256), everything else unchanged
+    other = make_zoo('other', head_scale=0.2, seed=5)
+    manifest = json.loads((zoo / 'manifest.json').read_text())
+    replacement = json.loads((other / 'manifest.json').read_text())['experts']['V6A1']
+    (zoo / 'V6A1.safetensors').write_bytes((other / 'V6A1.safetensors').read_bytes())
+    manifest['experts']['V6A1'] = replacement
+    manifest['version'] = '0.0.1'
+    (zoo / 'manifest.json').write_text(json.dumps(manifest))
+    evaluated: list[tuple[str, ...]] = []
+    real = evaluation.evaluate_volume
+
+    def recording(*args, **kwargs):
+        evaluated.append(tuple(kwargs['cells']))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr('cahal_bids.evaluation.evaluate_volume', recording)
+    assert _run_eval(source, zoo, out, '--no-flat-check') == 0, capsys.readouterr().err
+    assert evaluated == [('V6A1',)]
+
+
 def test_eval_seeds_do_not_depend_on_the_cell_subset(tmp_path, make_nifti, make_zoo):
     from cahal_bids.evaluation import evaluate_volume
 

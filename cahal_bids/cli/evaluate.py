@@ -170,20 +170,26 @@ def _prepared_entries(args: argparse.Namespace) -> list[Any]:
     return entries
 
 
-def _fingerprint(args: argparse.Namespace, zoo: Any, methods: dict[str, str]) -> str:
-    """What makes a finished cell reusable: same zoo, protocol, methods and segmenter."""
-    zoo_bytes = (Path(zoo.path) / 'manifest.json').read_bytes()
+def _fingerprint(args: argparse.Namespace, zoo: Any, methods: dict[str, str], cell: str) -> str:
+    """What makes a finished cell reusable: the same expert run the same way, protocol,
+    methods and segmenter (so refining some experts of a zoo re-evaluates only theirs)."""
+    choice = zoo.choose(cell)
     segmenter_bytes = (
         (args.segmenter / 'segmenter.json').read_bytes() if args.segmenter is not None else b''
     )
     content = json.dumps(
         {
-            'zoo': hashlib.sha256(zoo_bytes).hexdigest(),
+            'expert': [choice.cell, choice.sha256],
+            'inference': {
+                'architecture': zoo.architecture,
+                'normalization': zoo.normalization,
+                'norm_statistics': zoo.norm_statistics,
+            },
             'segmenter': hashlib.sha256(segmenter_bytes).hexdigest(),
             'realizations': args.realizations,
             'seed': args.seed,
             'methods': methods,
-            'format': 2,
+            'format': 3,
         },
         sort_keys=True,
     )
@@ -324,7 +330,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         name: command_method(name, template, timeout_s=args.method_timeout)
         for name, template in templates.items()
     }
-    fingerprint = _fingerprint(args, zoo, templates)
     rows: list[dict[str, Any]] = []
     progress = None if args.quiet else (lambda text: print(text, file=sys.stderr))
     for entry in entries:
@@ -338,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     enhancer=enhancer,
                     extra=extra,
                     segmenter=segmenter,
-                    fingerprint=fingerprint,
+                    fingerprint=_fingerprint(args, zoo, templates, cell),
                     cache=cache,
                 )
             except CahalError as error:
