@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import platform
 import time
@@ -245,6 +246,8 @@ class Enhancer:
                 patch_size=method['patch_size'],
                 patches=method['patches'],
                 seed=method['seed'],
+                # no more voxels at once than the tile memory allows
+                batch_size=max(1, math.prod(tile) // method['patch_size'] ** 3),
             )
             # frozen norms are per-channel affine maps: fold them into the convolutions
             predictor = network.with_folded_norms(statistics)

@@ -115,6 +115,7 @@ def patch_mean_statistics(
     patch_size: int = 64,
     patches: int = 8,
     seed: int = 0,
+    batch_size: int | None = None,
 ) -> NormStatistics:
     """Mean per-patch instance-norm statistics of every norm layer of ``model``.
 
@@ -124,6 +125,7 @@ def patch_mean_statistics(
     pads it to its size multiple); the per-channel mean and biased variance of every
     norm layer's input are averaged over the patches, in float32 whatever autocast does.
     A volume no larger than a patch gives exactly its own instance-norm statistics.
+    Patches run ``batch_size`` at a time (default: all in one batch).
     """
     import torch
 
@@ -138,23 +140,29 @@ def patch_mean_statistics(
     sums: dict[Any, list[Tensor]] = {}
 
     def record(layer: Any, inputs: tuple[Tensor, ...]) -> None:
-        var, mean = torch.var_mean(inputs[0].float(), dim=(0, 2, 3, 4), correction=0)
+        # each patch's own instance-norm statistics, summed over the batch
+        var, mean = torch.var_mean(inputs[0].float(), dim=(2, 3, 4), correction=0)
         if layer in sums:
-            sums[layer][0] += mean
-            sums[layer][1] += var
+            sums[layer][0] += mean.sum(0)
+            sums[layer][1] += var.sum(0)
         else:
-            sums[layer] = [mean, var]
+            sums[layer] = [mean.sum(0), var.sum(0)]
 
+    windows = [
+        volume[(slice(None), slice(None), *_patch_slices(centre, patch_size, shape))]
+        for centre in centres
+    ]
+    step = len(windows) if batch_size is None else max(1, batch_size)
     hooks = [norm.register_forward_pre_hook(record) for norm in norms]
     try:
         with torch.no_grad():
-            for centre in centres:
-                window = _patch_slices(centre, patch_size, shape)
-                model(volume[(slice(None), slice(None), *window)])
+            for start in range(0, len(windows), step):
+                # every patch has the same shape, so they run as batches
+                model(torch.cat(windows[start : start + step]))
     finally:
         for hook in hooks:
             hook.remove()
-    count = len(centres)
+    count = len(windows)
     return NormStatistics(
-        tuple(((sums[norm][0] / count).cpu(), (sums[norm][1] / count).cpu()) for norm in norms)
+        tuple(((sums[n][0] / count).cpu(), (sums[n][1] / count).cpu()) for n in norms)
     )

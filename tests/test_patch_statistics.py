@@ -155,3 +155,13 @@ def test_folded_norms_compute_the_frozen_network() -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     assert (plain - expected).abs().max() > 1e-3
     assert folded.receptive_field_radius == network.receptive_field_radius
+
+
+def test_batches_of_patches_give_the_same_statistics() -> None:
+    network = _network(4)
+    volume = _head_in_air(shape=(40, 40, 32))
+    options = dict(foreground_level=0.3, patch_size=16, patches=5, seed=1)
+    together = patch_mean_statistics(network, volume, **options)
+    for batch_size in (1, 2):
+        apart = patch_mean_statistics(network, volume, batch_size=batch_size, **options)
+        assert together.max_relative_difference(apart) < 1e-4
