@@ -11,7 +11,10 @@ layer's per-patch statistics over a few head-centred patches of the training siz
 picked with a seeded generator (so an image always gets the same statistics). Frozen
 with :meth:`~cahal_bids.networks.ResidualUNet3D.frozen_norm_statistics`, they turn the
 expert into a fixed convolutional operator for that image: the whole-volume run and any
-tiled run agree, and no whole-volume statistics pass is needed before tiling.
+tiled run agree, and no whole-volume statistics pass is needed before tiling. Inference
+folds them into the convolutions
+(:meth:`~cahal_bids.networks.ResidualUNet3D.with_folded_norms`), which also saves the norm
+layers' pass over every feature map.
 
 A zoo says which statistics its experts need in its manifest
 (:data:`PATCH_MEAN_DEFAULTS` for zoos trained by this package; zoos without the entry
