@@ -310,10 +310,15 @@ class Enhancer:
         ras = reorientation.to_ras(np.ascontiguousarray(data, dtype=np.float32))
         scaler = RobustScale.from_config(self.zoo.normalization, ras)
         normalized = scaler.normalize(ras)
-        threshold = head_threshold(
-            normalized,
-            head_fraction=scaler.head_fraction,
-            reference_percentile=scaler.head_reference_percentile,
+        # the head level is needed only to centre patch-mean statistics' patches
+        threshold = (
+            head_threshold(
+                normalized,
+                head_fraction=scaler.head_fraction,
+                reference_percentile=scaler.head_reference_percentile,
+            )
+            if self.zoo.norm_statistics['method'] == 'patch-mean'
+            else None
         )
         ras_sizes = reorientation.sizes_to_ras(decision.voxel_sizes)
         ras_out_shape = reorientation.sizes_to_ras(grid.shape)

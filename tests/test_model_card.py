@@ -7,6 +7,17 @@ import json
 from cahal_bids.model_card import write_model_card
 
 
+def _empty_evaluation(tmp_path):
+    """An evaluation folder with no cases and a one-line table."""
+    evaluation = tmp_path / 'eval'
+    evaluation.mkdir()
+    (evaluation / 'cases.json').write_text(
+        json.dumps({'inputs': [], 'realizations': 1, 'seed': 0, 'cases': []})
+    )
+    (evaluation / 'tables.md').write_text('| PSNR | overall |\n')
+    return evaluation
+
+
 def test_model_card_reports_the_measured_figures(tmp_path, make_zoo):
     zoo = make_zoo(cells=['V1A3', 'V4A1'])
     evaluation = tmp_path / 'eval'
@@ -37,24 +48,14 @@ def test_model_card_reports_the_measured_figures(tmp_path, make_zoo):
 
 def test_model_card_states_patch_mean_statistics(tmp_path, make_zoo):
     zoo = make_zoo(cells=['V1A3'], norm_statistics={'method': 'patch-mean', 'patches': 5})
-    evaluation = tmp_path / 'eval'
-    evaluation.mkdir()
-    (evaluation / 'cases.json').write_text(
-        json.dumps({'inputs': [], 'realizations': 1, 'seed': 0, 'cases': []})
-    )
-    (evaluation / 'tables.md').write_text('| PSNR | overall |\n')
+    evaluation = _empty_evaluation(tmp_path)
     card = write_model_card(zoo, evaluation, commands=[], data_credits=[]).read_text()
     assert 'over 5 patches of 64^3 voxels centred in the head (seed 0)' in card
 
 
 def test_model_card_shows_real_lesions_and_ablations_when_measured(tmp_path, make_zoo):
     zoo = make_zoo(cells=['V1A3'])
-    evaluation = tmp_path / 'eval'
-    evaluation.mkdir()
-    (evaluation / 'cases.json').write_text(
-        json.dumps({'inputs': [], 'realizations': 1, 'seed': 0, 'cases': []})
-    )
-    (evaluation / 'tables.md').write_text('| PSNR | overall |\n')
+    evaluation = _empty_evaluation(tmp_path)
     plain = write_model_card(zoo, evaluation, commands=[], data_credits=[]).read_text()
     assert '### Real lesions' not in plain and '### Ablations' not in plain
     (evaluation / 'real_lesions.md').write_text('| method | V4A1 contrast / volume |\n')
@@ -78,12 +79,7 @@ def test_model_card_says_where_each_expert_started(tmp_path, make_zoo):
         manifest['experts'][cell]['provenance'] = {'initialised_from': origin, 'steps': steps}
     manifest['training'] = {'init_zoo': 'old-zoo 0.1', 'data': []}
     manifest_path.write_text(json.dumps(manifest))
-    evaluation = tmp_path / 'eval'
-    evaluation.mkdir()
-    (evaluation / 'cases.json').write_text(
-        json.dumps({'inputs': [], 'realizations': 1, 'seed': 0, 'cases': []})
-    )
-    (evaluation / 'tables.md').write_text('| PSNR | overall |\n')
+    evaluation = _empty_evaluation(tmp_path)
     card = write_model_card(zoo, evaluation, commands=[], data_credits=[]).read_text()
     assert 'V1A3 from the same cell of old-zoo 0.1' in card
     assert 'V2A3 from the curriculum parent as fine-tuned just before in the same run' in card

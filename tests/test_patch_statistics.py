@@ -33,6 +33,15 @@ def _head_in_air(shape=(48, 40, 32), seed=0) -> torch.Tensor:
     return torch.from_numpy(data)[None, None]
 
 
+def _assert_frozen_equals_plain(network, statistics, x) -> None:
+    """``statistics`` are exactly the instance-norm statistics ``network`` computes on ``x``."""
+    with torch.no_grad():
+        plain = network(x)
+        with network.frozen_norm_statistics(statistics):
+            frozen = network(x)
+    torch.testing.assert_close(frozen, plain, atol=1e-5, rtol=1e-5)
+
+
 def test_missing_entry_means_whole_volume_and_defaults_fill_in() -> None:
     assert validated_norm_statistics(None, where='m') == {'method': 'whole-volume'}
     assert validated_norm_statistics({'method': 'patch-mean'}, where='m') == PATCH_MEAN_DEFAULTS
@@ -81,22 +90,14 @@ def test_one_patch_reproduces_instance_norm_on_that_patch() -> None:
     (centre,) = patch_centres((volume[0, 0] > 0.3).numpy(), count=1, seed=0)
     window = tuple(slice(c - 8, c + 8) for c in centre)
     patch = volume[(slice(None), slice(None), *window)]
-    with torch.no_grad():
-        plain = network(patch)
-        with network.frozen_norm_statistics(statistics):
-            frozen = network(patch)
-    torch.testing.assert_close(frozen, plain, atol=1e-5, rtol=1e-5)
+    _assert_frozen_equals_plain(network, statistics, patch)
 
 
 def test_small_volume_gets_its_own_whole_statistics() -> None:
     network = _network(1)
     volume = _head_in_air(shape=(16, 16, 8))
     statistics = patch_mean_statistics(network, volume, foreground_level=0.3, patch_size=64)
-    with torch.no_grad():
-        plain = network(volume)
-        with network.frozen_norm_statistics(statistics):
-            frozen = network(volume)
-    torch.testing.assert_close(frozen, plain, atol=1e-5, rtol=1e-5)
+    _assert_frozen_equals_plain(network, statistics, volume)
 
 
 def test_head_patches_ignore_the_background_that_whole_volume_statistics_see() -> None:
