@@ -42,7 +42,9 @@ from cahal_bids.training import (
 )
 from cahal_bids.zoo import Zoo, write_zoo
 
-__all__ = ['ZooTrainingConfig', 'train_zoo']
+__all__ = ['TRAINING_PRECISIONS', 'ZooTrainingConfig', 'train_zoo']
+
+TRAINING_PRECISIONS = ('fp32', 'bf16')
 
 LOGGER = logging.getLogger('cahal_bids.zoo_training')
 
@@ -72,6 +74,16 @@ class ZooTrainingConfig:
     lr_schedule: str = 'plateau'
     ground_truth_blur: float = 0.6
     """Largest sigma (voxels) of :class:`~cahal_bids.pairs.GroundTruthBlur`; 0: none."""
+    precision: str = 'fp32'
+    """``'fp32'``, or ``'bf16'``: the network under bfloat16 autocast, weights, optimizer
+    and losses in float32 (``cahal-train fit --precision auto`` picks bf16 where the
+    hardware computes it natively)."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in TRAINING_PRECISIONS:
+            raise ValueError(
+                f'precision must be one of {TRAINING_PRECISIONS}, got {self.precision!r}'
+            )
 
     def architecture(self) -> dict[str, Any]:
         return {
@@ -80,6 +92,12 @@ class ZooTrainingConfig:
                 levels=self.levels, initial_filters=self.initial_filters
             ).config(),
         }
+
+
+def _precision_record(result: FitResult) -> str | dict[str, int]:
+    """``'bf16'`` when every step ran in one precision, else the steps in each."""
+    counts = result.steps_by_precision
+    return next(iter(counts)) if len(counts) == 1 else dict(sorted(counts.items()))
 
 
 def _state_of(network: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -127,7 +145,7 @@ def _fit_one(
         run_dir=work_dir / name,
         schedule=schedule,
         device=device,
-        mixed_precision=device.type == 'cuda',
+        mixed_precision=config.precision == 'bf16',
         progress=progress,
         metadata={'name': name},
     )
@@ -240,6 +258,7 @@ def train_zoo(
             'smoothed_training_loss': result.smoothed_loss,
             'stopped_early': result.stopped_early,
             'seed': config.seed + 1 + index,
+            'precision': _precision_record(result),
         }
         LOGGER.info('%s: %d steps, loss %.4f', cell, result.steps, result.smoothed_loss)
 

@@ -149,3 +149,14 @@ def test_enhance_leaves_floating_point_state_alone(make_nifti, make_zoo, tmp_pat
     assert enhance.main([str(source), str(tmp_path / 'o.nii.gz'), '--zoo', str(zoo), '-q']) == 0
     assert np.nextafter(np.float32(0), np.float32(1)) * np.float32(1) > 0
     assert float(np.float64(5e-324) * 1.0) > 0
+
+
+def test_train_fit_precision_defaults_to_auto_and_rejects_fp16(capsys):
+    parser = train.build_parser()
+    required = ['fit', '--cache-dir', 'prep', '--out', 'zoo', '--work-dir', 'runs']
+    assert parser.parse_args(required).precision == 'auto'
+    assert parser.parse_args([*required, '--precision', 'bf16']).precision == 'bf16'
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args([*required, '--precision', 'fp16'])
+    assert exc.value.code == 2
+    assert "'fp16'" in capsys.readouterr().err

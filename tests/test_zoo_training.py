@@ -57,6 +57,8 @@ def test_tiny_zoo_follows_the_curriculum_and_resumes(tmp_path):
     assert provenance['V2A3']['initialised_from'] == 'expert V1A3 (curriculum parent)'
     assert provenance['V2A2']['initialised_from'] == 'expert V2A3 (curriculum parent)'
     assert all(entry['steps'] == 2 for entry in provenance.values())
+    assert all(entry['precision'] == 'fp32' for entry in provenance.values())
+    assert zoo.manifest['training']['precision'] == 'fp32'
     assert zoo.manifest['training']['data'] == [{'entry': 'noise'}]
     # inference normalises as training did: patches of the training size
     assert zoo.norm_statistics == {
@@ -133,3 +135,9 @@ def test_a_stop_request_ends_the_whole_zoo_run_and_a_rerun_resumes(tmp_path):
     for cell in ('V1A3', 'V2A3'):
         a, b = resumed.load_state_dict(cell), whole.load_state_dict(cell)
         assert all(torch.equal(a[key], b[key]) for key in a), cell
+
+
+def test_training_precision_is_fp32_or_bf16():
+    assert ZooTrainingConfig(precision='bf16').precision == 'bf16'
+    with pytest.raises(ValueError, match='precision'):
+        ZooTrainingConfig(precision='auto')  # the CLI resolves auto before it gets here

@@ -128,6 +128,15 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         help='looks without improvement before an expert stops',
     )
     parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
+    parser.add_argument(
+        '--precision',
+        choices=('auto', 'fp32', 'bf16'),
+        default='auto',
+        help='bf16: the network under bfloat16 autocast, weights, optimizer and losses '
+        '(the Fourier term included) in float32; auto (default): bf16 where the hardware '
+        'computes it natively (CUDA compute capability >= 8, CPUs with AVX512-BF16 or AMX), '
+        'else fp32',
+    )
     parser.add_argument('--threads', type=int, default=None)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--quiet', '-q', action='store_true')
@@ -182,7 +191,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     import logging
 
     from cahal_bids.errors import CahalError
-    from cahal_bids.inference import resolve_device
+    from cahal_bids.inference import resolve_device, resolve_precision
     from cahal_bids.losses import CahalLoss
     from cahal_bids.prepared import load_training_volumes
     from cahal_bids.routing import CELLS
@@ -195,6 +204,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     try:
         device = resolve_device(args.device)
+        precision = resolve_precision(args.precision, device)
         volumes, sources = load_training_volumes(args.cache_dir, modality=args.modality)
         init_zoo = Zoo.open(args.init_zoo) if args.init_zoo else None
         warm_start = Zoo.open(args.warm_start) if args.warm_start else None
@@ -228,7 +238,9 @@ def _run_fit(args: argparse.Namespace) -> int:
         early_stop_patience=args.early_stop_patience,
         lr_schedule=args.lr_schedule,
         ground_truth_blur=args.ground_truth_blur,
+        precision=precision,
     )
+    logging.getLogger('cahal_bids.zoo_training').info('device %s, precision %s', device, precision)
     if init_zoo is not None and warm_start is not None:
         report_error(PROG, '--init-zoo and --warm-start exclude each other')
         return EXIT_USAGE
