@@ -33,6 +33,7 @@ def _expert_origins(experts: Mapping[str, Any]) -> str:
     """Where each expert started and how many steps it took, grouped, from provenance."""
     origins: dict[str, list[str]] = {}
     steps: dict[str, list[str]] = {}
+    precisions: dict[str, list[str]] = {}
     for cell, entry in experts.items():
         provenance = entry.get('provenance') or {}
         origin = str(provenance.get('initialised_from', 'not recorded'))
@@ -42,12 +43,27 @@ def _expert_origins(experts: Mapping[str, Any]) -> str:
             origin = f'the same cell of {origin[: -len(f" expert {cell}")]}'
         origins.setdefault(origin, []).append(cell)
         steps.setdefault(str(provenance.get('steps', '?')), []).append(cell)
+        if 'precision' in provenance:
+            precisions.setdefault(_precision_text(provenance['precision']), []).append(cell)
     started = '; '.join(f'{", ".join(cells)} from {origin}' for origin, cells in origins.items())
-    counted = ', '.join(
-        f'{count} ({", ".join(cells)})' if len(steps) > 1 else count
-        for count, cells in steps.items()
+    counted = _grouped(steps)
+    precision = f'; training precision: {_grouped(precisions)}' if precisions else ''
+    return f'started: {started}; steps per expert: {counted}{precision} (manifest provenance)'
+
+
+def _grouped(groups: Mapping[str, list[str]]) -> str:
+    """``'a (V1A3, V2A3), b (V2A2)'``, or just ``'a'`` when every cell shares it."""
+    return ', '.join(
+        f'{value} ({", ".join(cells)})' if len(groups) > 1 else value
+        for value, cells in groups.items()
     )
-    return f'started: {started}; steps per expert: {counted} (manifest provenance)'
+
+
+def _precision_text(record: Any) -> str:
+    """``'bf16'``, or ``'38 fp32 + 362 bf16 steps'`` for a run resumed in another one."""
+    if isinstance(record, Mapping):
+        return ' + '.join(f'{count} {name}' for name, count in record.items()) + ' steps'
+    return str(record)
 
 
 def _norm_statistics_sentence(entry: Mapping[str, Any] | None) -> str:

@@ -71,12 +71,16 @@ def test_model_card_says_where_each_expert_started(tmp_path, make_zoo):
     manifest_path = zoo / 'manifest.json'
     manifest = json.loads(manifest_path.read_text())
     origins = {
-        'V1A3': ('old-zoo 0.1 expert V1A3', 150),
-        'V2A3': ('expert V1A3 (curriculum parent)', 120),
-        'V3A1': ('old-zoo 0.2 expert V3A1', 300),
+        'V1A3': ('old-zoo 0.1 expert V1A3', 150, 'fp32'),
+        'V2A3': ('expert V1A3 (curriculum parent)', 120, {'fp32': 38, 'bf16': 82}),
+        'V3A1': ('old-zoo 0.2 expert V3A1', 300, 'bf16'),
     }
-    for cell, (origin, steps) in origins.items():
-        manifest['experts'][cell]['provenance'] = {'initialised_from': origin, 'steps': steps}
+    for cell, (origin, steps, precision) in origins.items():
+        manifest['experts'][cell]['provenance'] = {
+            'initialised_from': origin,
+            'steps': steps,
+            'precision': precision,
+        }
     manifest['training'] = {'init_zoo': 'old-zoo 0.1', 'data': []}
     manifest_path.write_text(json.dumps(manifest))
     evaluation = _empty_evaluation(tmp_path)
@@ -85,3 +89,4 @@ def test_model_card_says_where_each_expert_started(tmp_path, make_zoo):
     assert 'V2A3 from the curriculum parent as fine-tuned just before in the same run' in card
     assert 'V3A1 from the same cell of old-zoo 0.2' in card
     assert '150 (V1A3), 120 (V2A3), 300 (V3A1)' in card
+    assert 'training precision: fp32 (V1A3), 38 fp32 + 82 bf16 steps (V2A3), bf16 (V3A1)' in card
