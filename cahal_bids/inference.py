@@ -296,6 +296,7 @@ class Enhancer:
         """Restore one validated array; returns (1 mm data, its affine, run details)."""
         import torch
 
+        from cahal_bids.axis_order import inverse, thickest_last
         from cahal_bids.grid import native_grid, resample_to_native_grid
         from cahal_bids.normalization import RobustScale, head_threshold
         from cahal_bids.orientation import Reorientation
@@ -322,6 +323,11 @@ class Enhancer:
         )
         ras_sizes = reorientation.sizes_to_ras(decision.voxel_sizes)
         ras_out_shape = reorientation.sizes_to_ras(grid.shape)
+        order = (
+            thickest_last(reorientation.sizes_to_ras(decision.routed_sizes))
+            if self.zoo.axis_order == 'thickest-last'
+            else (0, 1, 2)
+        )
         with torch.inference_mode():
             low = torch.from_numpy(np.ascontiguousarray(normalized))
             low = low.to(self.device, torch.float32)
@@ -334,9 +340,13 @@ class Enhancer:
                 enabled=self.precision == 'bf16',
             ):
                 restored, tile_used = self._run_expert(
-                    network, upsampled[None, None], 0.0 if threshold is None else threshold
+                    network,
+                    upsampled.permute(order).contiguous()[None, None],
+                    0.0 if threshold is None else threshold,
                 )
-            restored_ras = restored[0, 0].to('cpu', torch.float32).numpy()
+            restored_ras = restored[0, 0].permute(inverse(order)).to('cpu', torch.float32)
+            restored_ras = np.ascontiguousarray(restored_ras.numpy())
+            tile_used = tuple(tile_used[axis] for axis in inverse(order))
         output = reorientation.from_ras(scaler.denormalize(restored_ras)).astype(np.float32)
         details = {
             'expert': {
@@ -348,6 +358,7 @@ class Enhancer:
             },
             'normalization': scaler.as_dict(),
             'norm_statistics': self.zoo.norm_statistics,
+            'axis_order': self.zoo.axis_order,
             'tile_size': list(tile_used),
             'precision': self.precision,
             'tiled': tile_used != tuple(restored_ras.shape),

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cahal_bids.axis_order import thickest_last
 from cahal_bids.degradation import DegradationParameters, RandomDegrade, Sampler
 
 __all__ = [
@@ -145,6 +146,8 @@ class Pair:
     crop_origin: tuple[int, int, int]
     """Voxel index of the (margin-included) crop's first corner in the source volume."""
     flipped_axes: tuple[int, ...]
+    axis_order: tuple[int, int, int] = (0, 1, 2)
+    """Permutation applied last, after the flips (:mod:`cahal_bids.axis_order`)."""
 
 
 @dataclass
@@ -180,6 +183,10 @@ class PairStream:
         Random ground-truth resolution (:class:`GroundTruthBlur`), or None.
     flips
         Random flips along each axis.
+    thickest_last
+        Reorder every pair's axes so that its thickest low-resolution axis comes last
+        (:func:`cahal_bids.axis_order.thickest_last`), as inference does for zoos whose
+        manifest says ``"axis_order": "thickest-last"``.
     seed
         Seed of the stream's generator.
     """
@@ -195,6 +202,7 @@ class PairStream:
         augmentation: IntensityAugmentation | None = None,
         blur: GroundTruthBlur | None = None,
         flips: bool = True,
+        thickest_last: bool = False,
         seed: int = 0,
     ) -> None:
         if not volumes:
@@ -213,6 +221,7 @@ class PairStream:
         self.augmentation = augmentation
         self.blur = blur
         self.flips = flips
+        self.thickest_last = thickest_last
         self.rng = np.random.default_rng(seed)
         self._mask_indices = [np.flatnonzero(v.head_mask.ravel()) for v in self.volumes]
 
@@ -251,6 +260,8 @@ class PairStream:
             axes = [axis for axis in range(3) if self.rng.random() < 0.5]
             if axes:
                 source, target = source.flip(axes), target.flip(axes)
+        order = thickest_last(parameters.resolution) if self.thickest_last else (0, 1, 2)
+        source, target = source.permute(order), target.permute(order)
         return Pair(
             input=source.contiguous()[None],
             target=target.contiguous()[None],
@@ -258,6 +269,7 @@ class PairStream:
             source=self.volumes[index].name,
             crop_origin=origin,
             flipped_axes=tuple(axes),
+            axis_order=order,
         )
 
     def __iter__(self) -> PairStream:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cahal_bids.atomic import write_bytes_atomic
+from cahal_bids.axis_order import validated_axis_order
 from cahal_bids.errors import CahalError
 from cahal_bids.patch_statistics import validated_norm_statistics
 from cahal_bids.routing import ANISOTROPY_BINS, CELLS, VOLUME_BINS
@@ -200,6 +201,7 @@ class Zoo:
                 )
         try:
             validated_norm_statistics(manifest.get('norm_statistics'), where=str(manifest_path))
+            validated_axis_order(manifest.get('axis_order'), where=str(manifest_path))
         except ValueError as error:
             raise ZooError(str(error)) from None
         return cls(path=root, manifest=manifest, experts=experts)
@@ -229,6 +231,13 @@ class Zoo:
         """How the experts' instance-norm statistics are obtained at inference."""
         return validated_norm_statistics(
             self.manifest.get('norm_statistics'), where=str(self.path / MANIFEST_NAME)
+        )
+
+    @property
+    def axis_order(self) -> str:
+        """``'as-acquired'`` or ``'thickest-last'`` (:mod:`cahal_bids.axis_order`)."""
+        return validated_axis_order(
+            self.manifest.get('axis_order'), where=str(self.path / MANIFEST_NAME)
         )
 
     @property
@@ -296,6 +305,7 @@ def write_zoo(
     validation: Mapping[str, Mapping[str, Any]] | None = None,
     storage_dtype: str = 'float32',
     norm_statistics: Mapping[str, Any] | None = None,
+    axis_order: str | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a zoo folder: one safetensors file per expert, then the manifest.
@@ -304,6 +314,7 @@ def write_zoo(
     'float32', 'float16' or 'bfloat16' (weights are cast back to float32 on load).
     ``norm_statistics`` is the manifest entry of :mod:`cahal_bids.patch_statistics`
     (e.g. ``PATCH_MEAN_DEFAULTS``); without it the zoo uses whole-volume statistics.
+    ``axis_order`` is the manifest's :mod:`cahal_bids.axis_order` entry (None: as acquired).
     The manifest is written last and atomically, so a half-written zoo never
     opens.
     """
@@ -321,6 +332,8 @@ def write_zoo(
         if norm_statistics is None
         else validated_norm_statistics(norm_statistics, where='write_zoo')
     )
+    if axis_order is not None:
+        validated_axis_order(axis_order, where='write_zoo')
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     entries: dict[str, dict[str, Any]] = {}
@@ -350,6 +363,7 @@ def write_zoo(
         'normalization': dict(normalization),
         'storage_dtype': storage_dtype,
         **({} if statistics is None else {'norm_statistics': statistics}),
+        **({} if axis_order is None else {'axis_order': axis_order}),
         'grid': grid_definition(),
         'experts': entries,
         **dict(extra or {}),

@@ -26,6 +26,7 @@ import torch
 
 from cahal_bids import __version__
 from cahal_bids.acquisition import CellSampler
+from cahal_bids.axis_order import AXIS_ORDERS
 from cahal_bids.networks import ResidualUNet3D, count_parameters
 from cahal_bids.normalization import DEFAULT_NORMALIZATION
 from cahal_bids.pairs import GroundTruthBlur, IntensityAugmentation, PairStream, TrainingVolume
@@ -79,7 +80,13 @@ class ZooTrainingConfig:
     and losses in float32 (``cahal-train fit --precision auto`` picks bf16 where the
     hardware computes it natively)."""
 
+    axis_order: str = 'as-acquired'
+    """``'thickest-last'``: pairs (and, through the manifest, inference) put the thickest
+    low-resolution axis last (:mod:`cahal_bids.axis_order`)."""
+
     def __post_init__(self) -> None:
+        if self.axis_order not in AXIS_ORDERS:
+            raise ValueError(f'axis_order must be one of {AXIS_ORDERS}, got {self.axis_order!r}')
         if self.precision not in TRAINING_PRECISIONS:
             raise ValueError(
                 f'precision must be one of {TRAINING_PRECISIONS}, got {self.precision!r}'
@@ -127,6 +134,7 @@ def _fit_one(
         batch_size=config.batch_size,
         augmentation=IntensityAugmentation(),
         blur=GroundTruthBlur(config.ground_truth_blur) if config.ground_truth_blur > 0 else None,
+        thickest_last=config.axis_order == 'thickest-last',
         seed=seed,
     )
     schedule = TrainingSchedule(
@@ -275,6 +283,7 @@ def train_zoo(
         provenance=provenance,
         storage_dtype='float16',
         norm_statistics={**PATCH_MEAN_DEFAULTS, 'patch_size': config.patch_size},
+        axis_order=None if config.axis_order == 'as-acquired' else config.axis_order,
         extra={
             'training': {
                 **asdict(config),

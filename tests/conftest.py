@@ -157,6 +157,7 @@ def write_test_zoo(
     head_scale: float = 0.05,
     seed: int = 0,
     norm_statistics: dict[str, Any] | None = None,
+    axis_order: str | None = None,
 ) -> Path:
     """A zoo of tiny random-weight experts (non-zero heads, so they change the image)."""
     import torch
@@ -186,6 +187,7 @@ def write_test_zoo(
         normalization=DEFAULT_NORMALIZATION,
         experts=experts,
         norm_statistics=norm_statistics,
+        axis_order=axis_order,
     )
 
 

@@ -66,8 +66,26 @@ def test_pair_replays_from_its_record(seed):
     target = crop[inner, inner, inner]
     if pair.flipped_axes:
         source, target = source.flip(pair.flipped_axes), target.flip(pair.flipped_axes)
+    source, target = source.permute(pair.axis_order), target.permute(pair.axis_order)
     assert torch.equal(pair.input[0], source)
     assert torch.equal(pair.target[0], target)
+
+
+def test_thickest_last_pairs_are_the_plain_pairs_reordered():
+    plain = PairStream([_phantom()], AnyCellSampler(), patch_size=12, seed=5)
+    reordered = PairStream(
+        [_phantom()], AnyCellSampler(), patch_size=12, seed=5, thickest_last=True
+    )
+    orders = set()
+    for _ in range(8):
+        a, b = plain.next_pair(), reordered.next_pair()
+        assert a.axis_order == (0, 1, 2)
+        resolution = a.parameters.resolution
+        assert resolution[b.axis_order[2]] == max(resolution)
+        assert torch.equal(b.input[0], a.input[0].permute(b.axis_order))
+        assert torch.equal(b.target[0], a.target[0].permute(b.axis_order))
+        orders.add(b.axis_order)
+    assert len(orders) > 1  # slices were drawn along more than one axis
 
 
 def test_stream_is_deterministic_and_resumable():

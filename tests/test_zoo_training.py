@@ -137,6 +137,34 @@ def test_a_stop_request_ends_the_whole_zoo_run_and_a_rerun_resumes(tmp_path):
         assert all(torch.equal(a[key], b[key]) for key in a), cell
 
 
+def test_thickest_last_training_writes_the_axis_order(tmp_path):
+    torch.set_num_threads(1)
+    config = ZooTrainingConfig(
+        levels=2,
+        initial_filters=2,
+        patch_size=8,
+        batch_size=1,
+        generalist_steps=1,
+        steps_per_expert=1,
+        cells=('V1A3',),
+        axis_order='thickest-last',
+    )
+    path = train_zoo(
+        [_volume()],
+        out_dir=tmp_path / 'zoo',
+        work_dir=tmp_path / 'runs',
+        config=config,
+        loss_fn=_l1,
+        device=torch.device('cpu'),
+        progress=False,
+    )
+    zoo = Zoo.open(path)
+    assert zoo.axis_order == 'thickest-last'
+    assert zoo.manifest['training']['axis_order'] == 'thickest-last'
+    with pytest.raises(ValueError, match='axis_order'):
+        ZooTrainingConfig(axis_order='slices-first')
+
+
 def test_training_precision_is_fp32_or_bf16():
     assert ZooTrainingConfig(precision='bf16').precision == 'bf16'
     with pytest.raises(ValueError, match='precision'):

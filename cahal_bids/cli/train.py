@@ -91,6 +91,15 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         help='largest Gaussian sigma (voxels) giving half of the ground-truth crops a random '
         'effective resolution (0 disables it)',
     )
+    parser.add_argument(
+        '--axis-order',
+        '--axis_order',
+        choices=('as-acquired', 'thickest-last'),
+        default='as-acquired',
+        help='thickest-last: every pair (and, through the manifest, every inference input) '
+        'has its thickest low-resolution axis last, so the experts restore one through-plane '
+        'direction; as-acquired: axes as they come, every orientation drawn in training',
+    )
     parser.add_argument('--cells', nargs='+', default=None, help='cells to train (default all)')
     parser.add_argument(
         '--time-budget-per-expert',
@@ -239,6 +248,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         lr_schedule=args.lr_schedule,
         ground_truth_blur=args.ground_truth_blur,
         precision=precision,
+        axis_order=args.axis_order,
     )
     logging.getLogger('cahal_bids.zoo_training').info('device %s, precision %s', device, precision)
     if init_zoo is not None and warm_start is not None:
