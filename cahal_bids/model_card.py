@@ -80,6 +80,20 @@ def _norm_statistics_sentence(entry: Mapping[str, Any] | None) -> str:
     )
 
 
+def _axis_order_sentence(entry: object) -> str:
+    if entry == 'thickest-last':
+        return (
+            'Axis order: the experts see the thickest low-resolution axis last, in training '
+            'and at inference (the volume is reordered from the header and put back; '
+            '`axis_order: thickest-last` in the manifest), so each restores one through-plane '
+            'direction.'
+        )
+    return (
+        'Axis order: as acquired (no `axis_order` entry in the manifest); the experts were '
+        'trained with the slice direction drawn along any axis.'
+    )
+
+
 def render_model_card(
     manifest: Mapping[str, Any],
     evaluation: Mapping[str, Any],
@@ -118,6 +132,8 @@ def render_model_card(
         ),
         '',
         _norm_statistics_sentence(manifest.get('norm_statistics')),
+        '',
+        _axis_order_sentence(manifest.get('axis_order')),
         '',
         'Intended use: thick-slice or low-resolution clinical brain MRI of the modality above, '
         "to obtain a 1 mm image in the patient's native space for visual reading and for "

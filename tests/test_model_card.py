@@ -51,6 +51,14 @@ def test_model_card_states_patch_mean_statistics(tmp_path, make_zoo):
     evaluation = _empty_evaluation(tmp_path)
     card = write_model_card(zoo, evaluation, commands=[], data_credits=[]).read_text()
     assert 'over 5 patches of 64^3 voxels centred in the head (seed 0)' in card
+    assert 'Axis order: as acquired' in card
+
+
+def test_model_card_states_the_axis_order(tmp_path, make_zoo):
+    zoo = make_zoo('ordered', cells=['V1A3'], axis_order='thickest-last')
+    evaluation = _empty_evaluation(tmp_path)
+    card = write_model_card(zoo, evaluation, commands=[], data_credits=[]).read_text()
+    assert 'the experts see the thickest low-resolution axis last' in card
 
 
 def test_model_card_shows_real_lesions_and_ablations_when_measured(tmp_path, make_zoo):
