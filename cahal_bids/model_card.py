@@ -156,6 +156,15 @@ def render_model_card(
                 f'{training.get("steps_per_expert")} steps along the curriculum'
             )
         blur = training.get('ground_truth_blur') or 0
+        merged = [
+            f'{entry["zoo"]} ({", ".join(entry["cells"])})'
+            for entry in training.get('merged_from', [])
+        ]
+        if merged:
+            schedule += (
+                f'; trained in {len(merged)} runs whose experts `cahal-train merge` '
+                f'combined: {"; ".join(merged)}'
+            )
         lines += [
             f'- data: {len(training.get("data", []))} prepared volumes (see the credits below)',
             schedule,

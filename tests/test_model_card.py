@@ -98,3 +98,22 @@ def test_model_card_says_where_each_expert_started(tmp_path, make_zoo):
     assert 'V3A1 from the same cell of old-zoo 0.2' in card
     assert '150 (V1A3), 120 (V2A3), 300 (V3A1)' in card
     assert 'training precision: fp32 (V1A3), 38 fp32 + 82 bf16 steps (V2A3), bf16 (V3A1)' in card
+
+
+def test_model_card_names_the_runs_of_a_merged_zoo(tmp_path, make_zoo):
+    from cahal_bids.zoo import Zoo
+    from cahal_bids.zoo_merge import merge_zoos
+
+    first = make_zoo('first', cells=['V1A3', 'V2A2'])
+    second = make_zoo('second', cells=['V2A3'], seed=3)
+    for folder, seconds in ((first, 100.0), (second, 260.0)):
+        manifest = json.loads((folder / 'manifest.json').read_text())
+        manifest['training'] = {'init_zoo': 'old-zoo 0.3', 'data': [], 'training_seconds': seconds}
+        (folder / 'manifest.json').write_text(json.dumps(manifest))
+    merged = merge_zoos([Zoo.open(first), Zoo.open(second)], tmp_path / 'merged')
+    card = write_model_card(
+        merged, _empty_evaluation(tmp_path), commands=[], data_credits=[]
+    ).read_text()
+    assert 'trained in 2 runs whose experts `cahal-train merge` combined' in card
+    assert 'test-zoo 0.0.0 (V1A3, V2A2); test-zoo 0.0.0 (V2A3)' in card
+    assert '0.1 h of training in total' in card

@@ -4,7 +4,8 @@ Subcommands:
 
 * ``prepare``: denoise, resample to 1 mm, label and cache high-resolution images;
 * ``segmenter``: train the frozen tissue segmenter used by the semantic loss;
-* ``fit``: train a zoo of 18 experts along the curriculum (resumable).
+* ``fit``: train a zoo of 18 experts along the curriculum (resumable);
+* ``merge``: combine zoos trained a few cells at a time into one.
 """
 
 from __future__ import annotations
@@ -170,6 +171,24 @@ def _add_segmenter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--seed', type=int, default=0)
 
 
+def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        'zoos',
+        nargs='+',
+        type=Path,
+        metavar='ZOO',
+        help='zoo folders, in order of precedence: a cell gets the expert of the last zoo '
+        'that has one',
+    )
+    parser.add_argument('--out', type=Path, required=True, help='zoo folder to write')
+    parser.add_argument('--name', help="the merged zoo's name (default: the last zoo's)")
+    parser.add_argument(
+        '--zoo-version',
+        '--zoo_version',
+        help="the merged zoo's version (default: the last zoo's)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cahal_bids.cli.train_prepare import add_prepare_arguments
 
@@ -182,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser('segmenter', help='train the frozen tissue segmenter')
     )
     _add_fit_arguments(commands.add_parser('fit', help='train the experts of a zoo'))
+    _add_merge_arguments(
+        commands.add_parser('merge', help='combine zoos trained a few cells at a time')
+    )
     return parser
 
 
@@ -332,6 +354,24 @@ def _run_segmenter(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_merge(args: argparse.Namespace) -> int:
+    from cahal_bids.zoo import Zoo, ZooError
+    from cahal_bids.zoo_merge import merge_zoos
+
+    try:
+        zoos = [Zoo.open(path) for path in args.zoos]
+        path = merge_zoos(zoos, args.out, name=args.name, version=args.zoo_version)
+    except ZooError as error:
+        report_error(PROG, str(error))
+        return EXIT_USAGE
+    except OSError as error:
+        report_error(PROG, f'{args.out}: cannot write the merged zoo ({error})')
+        return EXIT_FAILURE
+    merged = Zoo.open(path, verify=False)
+    print(f'{PROG}: {len(merged.trained_cells)} experts written to {path}')
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -346,4 +386,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_segmenter(args)
     if args.command == 'fit':
         return _run_fit(args)
+    if args.command == 'merge':
+        return _run_merge(args)
     return EXIT_FAILURE  # pragma: no cover
