@@ -159,6 +159,27 @@ def test_eval_reevaluates_only_the_cells_whose_expert_changed(
     assert evaluated == [('V6A1',)]
 
 
+def test_eval_reevaluates_when_the_axis_order_changes(
+    tmp_path, make_nifti, make_zoo, capsys, monkeypatch
+):
+    torch.set_num_threads(1)
+    source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0), name='sub-01_T1w.nii.gz')
+    zoo = make_zoo('zoo', head_scale=0.2, cells=['V3A2', 'V6A1'])
+    out = tmp_path / 'eval'
+    assert _run_eval(source, zoo, out, '--no-flat-check') == 0, capsys.readouterr().err
+    # the same weights, now declared as trained thickest-last: they run differently
+    manifest = json.loads((zoo / 'manifest.json').read_text())
+    manifest['axis_order'] = 'thickest-last'
+    (zoo / 'manifest.json').write_text(json.dumps(manifest))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('evaluated again')
+
+    monkeypatch.setattr('cahal_bids.evaluation.evaluate_volume', refuse)
+    with pytest.raises(AssertionError, match='evaluated again'):
+        _run_eval(source, zoo, out, '--no-flat-check')
+
+
 def test_eval_seeds_do_not_depend_on_the_cell_subset(tmp_path, make_nifti, make_zoo):
     from cahal_bids.evaluation import evaluate_volume
 

@@ -184,6 +184,7 @@ def _fingerprint(args: argparse.Namespace, zoo: Any, methods: dict[str, str], ce
                 'architecture': zoo.architecture,
                 'normalization': zoo.normalization,
                 'norm_statistics': zoo.norm_statistics,
+                'axis_order': zoo.axis_order,
             },
             'segmenter': hashlib.sha256(segmenter_bytes).hexdigest(),
             'realizations': args.realizations,
