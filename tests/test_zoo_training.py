@@ -29,17 +29,16 @@ def _volume():
     return TrainingVolume(image=image, head_mask=image > 0.1, name='noise')
 
 
+def _tiny_config(**options):
+    """A zoo configuration small enough to train in a test: 2 levels, 2 filters, 8^3 patches."""
+    return ZooTrainingConfig(
+        **{'levels': 2, 'initial_filters': 2, 'patch_size': 8, 'batch_size': 1, **options}
+    )
+
+
 def test_tiny_zoo_follows_the_curriculum_and_resumes(tmp_path):
     torch.set_num_threads(1)
-    config = ZooTrainingConfig(
-        levels=2,
-        initial_filters=2,
-        patch_size=8,
-        batch_size=1,
-        generalist_steps=3,
-        steps_per_expert=2,
-        cells=('V2A3', 'V1A3', 'V2A2'),
-    )
+    config = _tiny_config(generalist_steps=3, steps_per_expert=2, cells=('V2A3', 'V1A3', 'V2A2'))
     options = dict(
         out_dir=tmp_path / 'zoo',
         work_dir=tmp_path / 'runs',
@@ -74,10 +73,9 @@ def test_tiny_zoo_follows_the_curriculum_and_resumes(tmp_path):
 
 def test_warm_start_continues_a_generalist_from_a_zoo(tmp_path):
     torch.set_num_threads(1)
-    config = ZooTrainingConfig(
-        levels=2, initial_filters=2, patch_size=8, batch_size=1, generalist_steps=2,
-        steps_per_expert=1, cells=('V1A3',), lr_schedule='cosine',
-    )  # fmt: skip
+    config = _tiny_config(
+        generalist_steps=2, steps_per_expert=1, cells=('V1A3',), lr_schedule='cosine'
+    )
     common = dict(config=config, loss_fn=_l1, device=torch.device('cpu'), progress=False)
     first = Zoo.open(train_zoo([_volume()], out_dir=tmp_path / 'a', work_dir=tmp_path / 'ra',
                                **common))  # fmt: skip
@@ -100,10 +98,7 @@ def test_a_stop_request_ends_the_whole_zoo_run_and_a_rerun_resumes(tmp_path):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip('fit only catches SIGTERM in the main thread')
     torch.set_num_threads(1)
-    config = ZooTrainingConfig(
-        levels=2, initial_filters=2, patch_size=8, batch_size=1, generalist_steps=5,
-        steps_per_expert=2, cells=('V1A3', 'V2A3'),
-    )  # fmt: skip
+    config = _tiny_config(generalist_steps=5, steps_per_expert=2, cells=('V1A3', 'V2A3'))
     calls = []
 
     def stopping_l1(prediction, target):
@@ -139,15 +134,8 @@ def test_a_stop_request_ends_the_whole_zoo_run_and_a_rerun_resumes(tmp_path):
 
 def test_thickest_last_training_writes_the_axis_order(tmp_path):
     torch.set_num_threads(1)
-    config = ZooTrainingConfig(
-        levels=2,
-        initial_filters=2,
-        patch_size=8,
-        batch_size=1,
-        generalist_steps=1,
-        steps_per_expert=1,
-        cells=('V1A3',),
-        axis_order='thickest-last',
+    config = _tiny_config(
+        generalist_steps=1, steps_per_expert=1, cells=('V1A3',), axis_order='thickest-last'
     )
     path = train_zoo(
         [_volume()],
