@@ -80,9 +80,10 @@ class ZooTrainingConfig:
     and losses in float32 (``cahal-train fit --precision auto`` picks bf16 where the
     hardware computes it natively)."""
 
-    axis_order: str = 'as-acquired'
+    axis_order: str = 'thickest-last'
     """``'thickest-last'``: pairs (and, through the manifest, inference) put the thickest
-    low-resolution axis last (:mod:`cahal_bids.axis_order`)."""
+    low-resolution axis last (:mod:`cahal_bids.axis_order`); ``'as-acquired'``: every
+    orientation is drawn and inference keeps the volume's own axis order."""
 
     def __post_init__(self) -> None:
         if self.axis_order not in AXIS_ORDERS:

@@ -149,6 +149,7 @@ def test_thickest_last_training_writes_the_axis_order(tmp_path):
     zoo = Zoo.open(path)
     assert zoo.axis_order == 'thickest-last'
     assert zoo.manifest['training']['axis_order'] == 'thickest-last'
+    assert ZooTrainingConfig().axis_order == 'thickest-last'  # the default since zoo 0.4
     with pytest.raises(ValueError, match='axis_order'):
         ZooTrainingConfig(axis_order='slices-first')
 

@@ -96,10 +96,11 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         '--axis-order',
         '--axis_order',
         choices=('as-acquired', 'thickest-last'),
-        default='as-acquired',
-        help='thickest-last: every pair (and, through the manifest, every inference input) '
-        'has its thickest low-resolution axis last, so the experts restore one through-plane '
-        'direction; as-acquired: axes as they come, every orientation drawn in training',
+        default='thickest-last',
+        help='thickest-last (default): every pair (and, through the manifest, every inference '
+        'input) has its thickest low-resolution axis last, so the experts restore one '
+        'through-plane direction; as-acquired: axes as they come, every orientation drawn in '
+        'training (zoos before 0.4)',
     )
     parser.add_argument('--cells', nargs='+', default=None, help='cells to train (default all)')
     parser.add_argument(
