@@ -156,14 +156,16 @@ def render_model_card(
                 f'{training.get("steps_per_expert")} steps along the curriculum'
             )
         blur = training.get('ground_truth_blur') or 0
-        merged = [
-            f'{entry["zoo"]} ({", ".join(entry["cells"])})'
-            for entry in training.get('merged_from', [])
-        ]
-        if merged:
+        parts = training.get('merged_from', [])
+        if parts:
+            labels = {entry['zoo'] for entry in parts}
+            merged = [
+                (f'{entry["zoo"]}: ' if len(labels) > 1 else '') + ', '.join(entry['cells'])
+                for entry in parts
+            ]
             schedule += (
-                f'; trained in {len(merged)} runs whose experts `cahal-train merge` '
-                f'combined: {"; ".join(merged)}'
+                f'; trained in {len(parts)} runs whose experts `cahal-train merge` '
+                f'combined ({"; ".join(merged)})'
             )
         lines += [
             f'- data: {len(training.get("data", []))} prepared volumes (see the credits below)',

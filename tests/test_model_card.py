@@ -115,5 +115,5 @@ def test_model_card_names_the_runs_of_a_merged_zoo(tmp_path, make_zoo):
         merged, _empty_evaluation(tmp_path), commands=[], data_credits=[]
     ).read_text()
     assert 'trained in 2 runs whose experts `cahal-train merge` combined' in card
-    assert 'test-zoo 0.0.0 (V1A3, V2A2); test-zoo 0.0.0 (V2A3)' in card
+    assert 'combined (V1A3, V2A2; V2A3)' in card  # one label for every run: not repeated
     assert '0.1 h of training in total' in card
