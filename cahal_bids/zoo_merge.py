@@ -58,6 +58,22 @@ def _check_compatible(zoos: Sequence[Zoo]) -> None:
                 )
 
 
+def _runs(zoo: Zoo, cells: list[str]) -> list[dict[str, Any]]:
+    """The training runs behind ``cells`` of ``zoo``: the zoo itself, or for a zoo that was
+    merged before, its own runs (so merging merged zoos keeps one entry per run)."""
+    training = zoo.manifest.get('training') or {}
+    earlier = training.get('merged_from')
+    if not earlier:
+        return [
+            {
+                'zoo': f'{zoo.name} {zoo.version}',
+                'cells': cells,
+                'training_seconds': training.get('training_seconds'),
+            }
+        ]
+    return [{**run, 'cells': [cell for cell in run['cells'] if cell in cells]} for run in earlier]
+
+
 def merge_zoos(
     zoos: Sequence[Zoo],
     out_dir: str | os.PathLike[str],
@@ -105,12 +121,7 @@ def merge_zoos(
         provenance['zoo'] = f'{zoo.name} {zoo.version}'
         experts[cell] = {**entry, 'file': target.name, 'provenance': provenance}
     contributions = [
-        {
-            'zoo': f'{zoo.name} {zoo.version}',
-            'cells': [cell for cell in CELLS if source.get(cell) is zoo],
-            'training_seconds': (zoo.manifest.get('training') or {}).get('training_seconds'),
-        }
-        for zoo in zoos
+        run for zoo in zoos for run in _runs(zoo, [c for c in CELLS if source.get(c) is zoo])
     ]
     training = dict(last.manifest.get('training') or {})
     training['training_seconds'] = round(

@@ -100,3 +100,13 @@ def test_cli_merge_errors_name_the_problem(make_zoo, tmp_path, capsys):
     assert train_main(['merge', str(base), str(other), '--out', str(tmp_path / 'm')]) == 2
     error = capsys.readouterr().err
     assert 'axis_order' in error and error.count('\n') == 1
+
+
+def test_merging_merged_zoos_keeps_one_entry_per_run(make_zoo, tmp_path):
+    first = make_zoo('first', cells=['V1A3', 'V2A3'])
+    second = make_zoo('second', cells=['V2A2'], seed=9)
+    merged = merge_zoos([Zoo.open(first), Zoo.open(second)], tmp_path / 'merged')
+    refined = make_zoo('refined', cells=['V2A3'], seed=21)
+    again = Zoo.open(merge_zoos([Zoo.open(merged), Zoo.open(refined)], tmp_path / 'again'))
+    runs = [entry['cells'] for entry in again.manifest['training']['merged_from']]
+    assert runs == [['V1A3'], ['V2A2'], ['V2A3']]
