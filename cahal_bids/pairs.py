@@ -4,7 +4,9 @@ Each pair starts from a prepared 1 mm ground-truth volume (denoised, RAS,
 normalised): a random crop centred inside the head is taken with a margin,
 optionally given a physically plausible intensity change (global gain, gamma, a
 smooth multiplicative bias field, all applied to the underlying signal before
-acquisition) and a random effective resolution (:class:`GroundTruthBlur`), degraded
+acquisition), a new contrast (:class:`ContrastAugmentation`), a skull-stripped
+version of a full-head crop (:class:`HeadCoverageAugmentation`) and a random
+effective resolution (:class:`GroundTruthBlur`), degraded
 with the box point-spread function at a resolution triplet drawn by the sampler
 (random slice offset included) and interpolated back to 1 mm, and finally the
 margin is cut away so the patch borders carry no artefacts of the crop. Random flips
@@ -28,7 +30,9 @@ from cahal_bids.axis_order import thickest_last
 from cahal_bids.degradation import DegradationParameters, RandomDegrade, Sampler
 
 __all__ = [
+    'ContrastAugmentation',
     'GroundTruthBlur',
+    'HeadCoverageAugmentation',
     'IntensityAugmentation',
     'Pair',
     'PairBatch',
@@ -40,11 +44,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrainingVolume:
-    """One prepared ground truth: image (float32, RAS, 1 mm, normalised) and head mask."""
+    """One prepared ground truth: image (float32, RAS, 1 mm, normalised) and head mask.
+
+    ``brain_mask`` (optional) lets :class:`HeadCoverageAugmentation` make a
+    skull-stripped version of a full-head image.
+    """
 
     image: np.ndarray
     head_mask: np.ndarray
     name: str = ''
+    brain_mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.shape != self.head_mask.shape:
@@ -54,6 +63,11 @@ class TrainingVolume:
             )
         if not self.head_mask.any():
             raise ValueError(f'{self.name}: empty head mask')
+        if self.brain_mask is not None and self.brain_mask.shape != self.image.shape:
+            raise ValueError(
+                f'{self.name}: brain mask {self.brain_mask.shape} and image '
+                f'{self.image.shape} must have the same shape'
+            )
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,73 @@ class IntensityAugmentation:
         if self.bias_amplitude > 0:
             out = out * _smooth_bias_field(patch.shape, self.bias_amplitude, rng)
         return out.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ContrastAugmentation:
+    """Give the ground truth a new contrast while keeping its anatomy.
+
+    With ``probability`` the crop's intensities pass through a random piecewise-linear
+    curve: ``knots`` equally spaced points over ``[0, max_intensity]`` (intensities are
+    normalised to about 1 at the head's 99.5th percentile), the curve's value at each a
+    uniform draw in ``[0, 1]``, sorted with ``monotonic_probability`` (a T1w stays
+    T1w-like but with other tissue ratios) and left unsorted otherwise (tissues swap
+    brightness, e.g. T1w to T2w-like). Zero stays zero (air is dark in every MR contrast)
+    and intensities above ``max_intensity`` continue the last segment's value. Input and
+    target come from the same remapped crop, so a network learns to restore edges
+    whatever tissue sits on either side, not the grey levels of the training contrasts.
+    """
+
+    probability: float = 0.5
+    knots: int = 6
+    max_intensity: float = 1.5
+    monotonic_probability: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.probability <= 1):
+            raise ValueError(f'probability must be in [0, 1], got {self.probability}')
+        if not (0 <= self.monotonic_probability <= 1):
+            raise ValueError(
+                f'monotonic_probability must be in [0, 1], got {self.monotonic_probability}'
+            )
+        if self.knots < 2:
+            raise ValueError(f'knots must be at least 2, got {self.knots}')
+        if self.max_intensity <= 0:
+            raise ValueError(f'max_intensity must be positive, got {self.max_intensity}')
+
+    def __call__(self, patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if rng.random() >= self.probability:
+            return patch
+        positions = np.linspace(0.0, self.max_intensity, self.knots + 1)
+        values = rng.uniform(0.0, 1.0, self.knots)
+        if rng.random() < self.monotonic_probability:
+            values = np.sort(values)
+        values = np.concatenate([[0.0], values])
+        remapped = np.interp(np.clip(patch, 0.0, None), positions, values)
+        return remapped.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class HeadCoverageAugmentation:
+    """Train on skull-stripped versions of full-head images too.
+
+    Clinical inputs come both as full-head scans and brain-extracted. With
+    ``probability`` a crop whose volume has a brain mask is multiplied by that mask
+    (already skull-stripped volumes are unchanged, their mask covers what is left).
+    """
+
+    probability: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.probability <= 1):
+            raise ValueError(f'probability must be in [0, 1], got {self.probability}')
+
+    def __call__(
+        self, patch: np.ndarray, brain: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
+        if rng.random() >= self.probability:
+            return patch
+        return (patch * brain).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -179,6 +260,11 @@ class PairStream:
         largest slice thickness the sampler can draw (12 covers every cell).
     augmentation
         Intensity changes applied before degradation, or None.
+    contrast
+        Random contrast remapping (:class:`ContrastAugmentation`), or None.
+    head_coverage
+        Random skull stripping of volumes that have a brain mask
+        (:class:`HeadCoverageAugmentation`), or None.
     blur
         Random ground-truth resolution (:class:`GroundTruthBlur`), or None.
     flips
@@ -200,6 +286,8 @@ class PairStream:
         batch_size: int = 2,
         margin: int = 12,
         augmentation: IntensityAugmentation | None = None,
+        contrast: ContrastAugmentation | None = None,
+        head_coverage: HeadCoverageAugmentation | None = None,
         blur: GroundTruthBlur | None = None,
         flips: bool = True,
         thickest_last: bool = False,
@@ -219,6 +307,8 @@ class PairStream:
         self.batch_size = batch_size
         self.margin = margin
         self.augmentation = augmentation
+        self.contrast = contrast
+        self.head_coverage = head_coverage
         self.blur = blur
         self.flips = flips
         self.thickest_last = thickest_last
@@ -242,10 +332,15 @@ class PairStream:
     def next_pair(self) -> Pair:
         """One (input, target) pair of shape ``(1, P, P, P)`` each."""
         index = int(self.rng.integers(len(self.volumes)))
+        volume = self.volumes[index]
         origin = self._crop_origin(index)
-        truth = crop_with_zeros(
-            self.volumes[index].image, origin, (self.patch_size + 2 * self.margin,) * 3
-        )
+        size = (self.patch_size + 2 * self.margin,) * 3
+        truth = crop_with_zeros(volume.image, origin, size)
+        if self.head_coverage is not None and volume.brain_mask is not None:
+            brain = crop_with_zeros(volume.brain_mask.astype(np.float32), origin, size)
+            truth = self.head_coverage(truth, brain, self.rng)
+        if self.contrast is not None:
+            truth = self.contrast(truth, self.rng)
         if self.augmentation is not None:
             truth = self.augmentation(truth, self.rng)
         if self.blur is not None:

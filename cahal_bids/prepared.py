@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +15,22 @@ from cahal_bids.preparation import METADATA_NAME, PreparationError, PreparedVolu
 __all__ = ['find_prepared', 'load_labelled_volumes', 'load_training_volumes']
 
 
-def find_prepared(cache_dir: str | os.PathLike[str], *, modality: str) -> list[PreparedVolume]:
-    """Every prepared entry of ``modality`` in ``cache_dir``, sorted by folder name."""
+def find_prepared(
+    cache_dir: str | os.PathLike[str], *, modality: str | Sequence[str]
+) -> list[PreparedVolume]:
+    """Every prepared entry of ``modality`` (one or several) in ``cache_dir``, by folder name."""
     root = Path(cache_dir)
+    wanted = (modality,) if isinstance(modality, str) else tuple(modality)
     if not root.is_dir():
         raise PreparationError(f'{root}: preparation cache not found')
     entries = [
         PreparedVolume.load(path.parent) for path in sorted(root.glob(f'*/{METADATA_NAME}'))
     ]
-    chosen = [entry for entry in entries if entry.modality == modality]
+    chosen = [entry for entry in entries if entry.modality in wanted]
     if not chosen:
-        raise PreparationError(f'{root}: no prepared {modality} image (run `cahal-train prepare`)')
+        raise PreparationError(
+            f'{root}: no prepared {" or ".join(wanted)} image (run `cahal-train prepare`)'
+        )
     return chosen
 
 
@@ -37,15 +43,23 @@ def _source_record(entry: PreparedVolume) -> dict[str, Any]:
 
 
 def load_training_volumes(
-    cache_dir: str | os.PathLike[str], *, modality: str
+    cache_dir: str | os.PathLike[str],
+    *,
+    modality: str | Sequence[str],
+    brain_masks: bool = False,
 ) -> tuple[list[TrainingVolume], list[dict[str, Any]]]:
-    """Ground truths for :class:`~cahal_bids.pairs.PairStream` and where they came from."""
+    """Ground truths for :class:`~cahal_bids.pairs.PairStream` and where they came from.
+
+    ``modality`` may name several contrasts (a contrast-agnostic pool); ``brain_masks``
+    also loads each brain mask (for head-coverage augmentation).
+    """
     entries = find_prepared(cache_dir, modality=modality)
     volumes = [
         TrainingVolume(
             image=entry.image(),
             head_mask=entry.head_mask().astype(bool),
             name=entry.directory.name,
+            brain_mask=entry.brain_mask().astype(bool) if brain_masks else None,
         )
         for entry in entries
     ]

@@ -29,7 +29,14 @@ from cahal_bids.acquisition import CellSampler
 from cahal_bids.axis_order import AXIS_ORDERS
 from cahal_bids.networks import ResidualUNet3D, count_parameters
 from cahal_bids.normalization import DEFAULT_NORMALIZATION
-from cahal_bids.pairs import GroundTruthBlur, IntensityAugmentation, PairStream, TrainingVolume
+from cahal_bids.pairs import (
+    ContrastAugmentation,
+    GroundTruthBlur,
+    HeadCoverageAugmentation,
+    IntensityAugmentation,
+    PairStream,
+    TrainingVolume,
+)
 from cahal_bids.patch_statistics import PATCH_MEAN_DEFAULTS
 from cahal_bids.routing import CELLS
 from cahal_bids.training import (
@@ -46,6 +53,7 @@ from cahal_bids.zoo import Zoo, write_zoo
 __all__ = ['TRAINING_PRECISIONS', 'ZooTrainingConfig', 'train_zoo']
 
 TRAINING_PRECISIONS = ('fp32', 'bf16')
+INIT_FROM = ('curriculum', 'same-cell')
 
 LOGGER = logging.getLogger('cahal_bids.zoo_training')
 
@@ -80,6 +88,17 @@ class ZooTrainingConfig:
     and losses in float32 (``cahal-train fit --precision auto`` picks bf16 where the
     hardware computes it natively)."""
 
+    contrasts: tuple[str, ...] = ()
+    """Ground-truth contrasts pooled for training; empty: ``modality`` alone."""
+    contrast_augmentation: float = 0.0
+    """Probability of :class:`~cahal_bids.pairs.ContrastAugmentation`; 0: none."""
+    head_coverage_augmentation: float = 0.0
+    """Probability of :class:`~cahal_bids.pairs.HeadCoverageAugmentation`; 0: none."""
+    init_from: str = 'curriculum'
+    """With an ``init_zoo``: ``'curriculum'`` starts every expert but the first from its
+    curriculum parent as just trained; ``'same-cell'`` starts each from the
+    ``init_zoo``'s expert for its own cell (fine-tuning a trained zoo)."""
+
     axis_order: str = 'thickest-last'
     """``'thickest-last'``: pairs (and, through the manifest, inference) put the thickest
     low-resolution axis last (:mod:`cahal_bids.axis_order`); ``'as-acquired'``: every
@@ -88,6 +107,8 @@ class ZooTrainingConfig:
     def __post_init__(self) -> None:
         if self.axis_order not in AXIS_ORDERS:
             raise ValueError(f'axis_order must be one of {AXIS_ORDERS}, got {self.axis_order!r}')
+        if self.init_from not in INIT_FROM:
+            raise ValueError(f'init_from must be one of {INIT_FROM}, got {self.init_from!r}')
         if self.precision not in TRAINING_PRECISIONS:
             raise ValueError(
                 f'precision must be one of {TRAINING_PRECISIONS}, got {self.precision!r}'
@@ -134,6 +155,16 @@ def _fit_one(
         patch_size=config.patch_size,
         batch_size=config.batch_size,
         augmentation=IntensityAugmentation(),
+        contrast=(
+            ContrastAugmentation(probability=config.contrast_augmentation)
+            if config.contrast_augmentation > 0
+            else None
+        ),
+        head_coverage=(
+            HeadCoverageAugmentation(probability=config.head_coverage_augmentation)
+            if config.head_coverage_augmentation > 0
+            else None
+        ),
         blur=GroundTruthBlur(config.ground_truth_blur) if config.ground_truth_blur > 0 else None,
         thickest_last=config.axis_order == 'thickest-last',
         seed=seed,
@@ -233,7 +264,11 @@ def train_zoo(
     for index, cell in enumerate(curriculum_order(list(config.cells))):
         parent = parent_cell(cell)
         network = fresh()
-        if parent is not None and parent in trained:
+        if init_zoo is not None and config.init_from == 'same-cell':
+            choice = init_zoo.choose(cell)
+            network.load_state_dict(init_zoo.load_state_dict(choice.cell))
+            initialised_from = f'{init_zoo.name} {init_zoo.version} expert {choice.cell}'
+        elif parent is not None and parent in trained:
             network.load_state_dict(trained[parent])
             initialised_from = f'expert {parent} (curriculum parent)'
         elif init_zoo is not None:

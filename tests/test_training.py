@@ -16,7 +16,9 @@ from cahal_bids.acquisition import CellSampler
 from cahal_bids.degradation import Degrade
 from cahal_bids.networks import ResidualUNet3D
 from cahal_bids.pairs import (
+    ContrastAugmentation,
     GroundTruthBlur,
+    HeadCoverageAugmentation,
     IntensityAugmentation,
     PairStream,
     TrainingVolume,
@@ -107,6 +109,58 @@ def test_augmentation_keeps_zero_background_and_varies_contrast():
     out = augmentation(patch, np.random.default_rng(3))
     assert np.all(out[patch == 0] == 0)
     assert not np.allclose(out, patch)
+
+
+def test_contrast_augmentation_keeps_edges_and_air_but_changes_tissue_order():
+    patch = np.zeros((12, 12, 12), dtype=np.float32)
+    patch[2:10, 2:10, 2:10] = 0.4  # "grey matter"
+    patch[4:8, 4:8, 4:8] = 1.0  # "white matter"
+    assert ContrastAugmentation(probability=0.0)(patch, np.random.default_rng(0)) is patch
+    monotonic = ContrastAugmentation(probability=1.0, monotonic_probability=1.0)
+    swapped = ContrastAugmentation(probability=1.0, monotonic_probability=0.0)
+    reversed_seen = False
+    for seed in range(40):
+        out = monotonic(patch, np.random.default_rng(seed))
+        assert out.dtype == np.float32 and np.all(out[patch == 0] == 0)  # air stays dark
+        assert out[5, 5, 5] >= out[3, 3, 3]  # a monotonic curve keeps the tissue order
+        assert 0 <= out.min() and out.max() <= 1
+        # anatomy is kept: each tissue stays one intensity, so edges stay where they were
+        assert len(np.unique(out)) <= 3
+        other = swapped(patch, np.random.default_rng(seed))
+        reversed_seen |= bool(other[5, 5, 5] < other[3, 3, 3])
+    assert reversed_seen  # non-monotonic curves swap tissues (T1w-like to T2w-like)
+    with pytest.raises(ValueError, match='knots'):
+        ContrastAugmentation(knots=1)
+
+
+def test_head_coverage_strips_volumes_with_a_brain_mask_only():
+    rng = np.random.default_rng(0)
+    image = (rng.random((30, 30, 30)) + 0.5).astype(np.float32)
+    brain = np.zeros(image.shape, dtype=bool)
+    brain[10:20, 10:20, 10:20] = True
+    with_mask = TrainingVolume(image=image, head_mask=np.ones_like(brain), brain_mask=brain)
+    without = TrainingVolume(image=image, head_mask=np.ones_like(brain))
+
+    def truths(volume):
+        stream = PairStream(
+            [volume],
+            lambda generator: (1.0, 1.0, 1.0),
+            patch_size=30,
+            batch_size=1,
+            margin=0,
+            head_coverage=HeadCoverageAugmentation(probability=1.0),
+            flips=False,
+            seed=0,
+        )
+        return stream.next_pair()
+
+    stripped, kept = truths(with_mask), truths(without)
+    target = stripped.target[0].numpy()
+    crop_brain = crop_with_zeros(brain.astype(np.float32), stripped.crop_origin, (30,) * 3)
+    assert np.all(target[crop_brain == 0] == 0) and np.all(target[crop_brain == 1] > 0)
+    assert np.count_nonzero(kept.target[0].numpy()) > np.count_nonzero(target)
+    with pytest.raises(ValueError, match='brain mask'):
+        TrainingVolume(image=image, head_mask=brain | True, brain_mask=brain[:-1])
 
 
 def test_ground_truth_blur_softens_within_its_bounds():

@@ -94,6 +94,46 @@ def test_warm_start_continues_a_generalist_from_a_zoo(tmp_path):
     assert any(not torch.equal(a[key], b[key]) for key in a)  # it trained further
 
 
+def test_same_cell_fine_tuning_starts_each_expert_from_its_own_cell(tmp_path):
+    torch.set_num_threads(1)
+    common = dict(loss_fn=_l1, device=torch.device('cpu'), progress=False)
+    cells = ('V1A3', 'V2A3')
+    first = Zoo.open(
+        train_zoo(
+            [_volume()],
+            out_dir=tmp_path / 'a',
+            work_dir=tmp_path / 'ra',
+            config=_tiny_config(generalist_steps=1, steps_per_expert=1, cells=cells),
+            **common,
+        )
+    )
+    config = _tiny_config(
+        steps_per_expert=1,
+        cells=cells,
+        init_from='same-cell',
+        contrast_augmentation=1.0,
+        head_coverage_augmentation=0.5,
+        contrasts=('T1w', 'T2w'),
+    )
+    second = Zoo.open(
+        train_zoo(
+            [_volume()],
+            out_dir=tmp_path / 'b',
+            work_dir=tmp_path / 'rb',
+            config=config,
+            init_zoo=first,
+            **common,
+        )
+    )
+    provenance = {cell: second.experts[cell]['provenance'] for cell in cells}
+    assert provenance['V2A3']['initialised_from'] == f'{first.name} {first.version} expert V2A3'
+    training = second.manifest['training']
+    assert training['init_from'] == 'same-cell' and training['contrasts'] == ['T1w', 'T2w']
+    assert training['contrast_augmentation'] == 1.0
+    with pytest.raises(ValueError, match='init_from'):
+        _tiny_config(init_from='parent')
+
+
 def test_a_stop_request_ends_the_whole_zoo_run_and_a_rerun_resumes(tmp_path):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip('fit only catches SIGTERM in the main thread')

@@ -102,6 +102,39 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         'through-plane direction; as-acquired: axes as they come, every orientation drawn in '
         'training (zoos before 0.4)',
     )
+    parser.add_argument(
+        '--contrasts',
+        nargs='+',
+        choices=('T1w', 'T2w', 'FLAIR'),
+        default=None,
+        help='ground-truth contrasts pooled for training (default: --modality alone); '
+        'several make a contrast-agnostic zoo',
+    )
+    parser.add_argument(
+        '--contrast-augmentation',
+        '--contrast_augmentation',
+        type=float,
+        default=0.0,
+        metavar='P',
+        help='probability of a random monotonic or non-monotonic intensity remapping of '
+        'each ground-truth crop (default: %(default)s)',
+    )
+    parser.add_argument(
+        '--head-coverage-augmentation',
+        '--head_coverage_augmentation',
+        type=float,
+        default=0.0,
+        metavar='P',
+        help='probability of skull-stripping a crop with its brain mask (default: %(default)s)',
+    )
+    parser.add_argument(
+        '--init-from',
+        '--init_from',
+        choices=('curriculum', 'same-cell'),
+        default='curriculum',
+        help='with --init-zoo: start each expert from its curriculum parent as just trained '
+        "(default) or from the --init-zoo's expert for its own cell",
+    )
     parser.add_argument('--cells', nargs='+', default=None, help='cells to train (default all)')
     parser.add_argument(
         '--time-budget-per-expert',
@@ -237,7 +270,11 @@ def _run_fit(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
-        volumes, sources = load_training_volumes(args.cache_dir, modality=args.modality)
+        volumes, sources = load_training_volumes(
+            args.cache_dir,
+            modality=args.contrasts or args.modality,
+            brain_masks=args.head_coverage_augmentation > 0,
+        )
         init_zoo = Zoo.open(args.init_zoo) if args.init_zoo else None
         warm_start = Zoo.open(args.warm_start) if args.warm_start else None
         segmenter = load_segmenter(args.segmenter, device=device) if args.segmenter else None
@@ -272,6 +309,10 @@ def _run_fit(args: argparse.Namespace) -> int:
         ground_truth_blur=args.ground_truth_blur,
         precision=precision,
         axis_order=args.axis_order,
+        contrasts=tuple(args.contrasts or ()),
+        contrast_augmentation=args.contrast_augmentation,
+        head_coverage_augmentation=args.head_coverage_augmentation,
+        init_from=args.init_from,
     )
     logging.getLogger('cahal_bids.zoo_training').info('device %s, precision %s', device, precision)
     if init_zoo is not None and warm_start is not None:
