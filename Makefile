@@ -19,7 +19,7 @@ SYSTEM_DEPS ?= slurm-wlm=slurmctld munge=munged chromium=chromium
 help:
 	@echo 'make demo   set up .venv and run cahal-bids on an embedded default'
 	@echo 'make test   set up .venv and run the whole test suite'
-	@echo 'make lint   ruff on the package, tests, workflows and benchmarks'
+	@echo 'make lint   ruff on the package, tests, examples and benchmarks'
 	@echo 'make docs   build the Sphinx documentation into docs/_build/html (warnings are errors)'
 	@echo 'make system-deps  install the Debian packages the Slurm and browser tests use (root)'
 
@@ -35,7 +35,7 @@ $(STAMP): $(VENV)/bin/python setup.cfg pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m cahal_bids.demo $(DEMO_DIR)
+	$(VPY) -m cahal_bids.cli.demo $(DEMO_DIR)
 
 # Installs only what is missing (a second run is instant); without root or apt-get it says
 # what is missing and carries on: the tests that need it then skip with the reason.
@@ -66,8 +66,8 @@ docs: $(STAMP)
 	NIPYPE_NO_ET=1 $(VPY) -m sphinx -W --keep-going -b html -d docs/_build/doctrees docs docs/_build/html
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cahal_bids tests workflows benchmarks run.py
-	$(VENV)/bin/ruff format --check cahal_bids tests workflows benchmarks run.py
+	$(VENV)/bin/ruff check cahal_bids tests examples benchmarks run.py
+	$(VENV)/bin/ruff format --check cahal_bids tests examples benchmarks run.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info .pytest_cache

@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import torch
 
-    from cahal_bids.acquisition import CellSampler
-    from cahal_bids.degradation import RandomDegrade
-    from cahal_bids.routing import CELLS
+    from cahal_bids.core.routing import CELLS
+    from cahal_bids.physics.acquisition import CellSampler
+    from cahal_bids.physics.degradation import RandomDegrade
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -96,13 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import torch
 
-    from cahal_bids.degradation import degrade
-    from cahal_bids.grid import low_resolution_affine
-    from cahal_bids.networks import ResidualUNet3D
-    from cahal_bids.nifti import save_image
-    from cahal_bids.normalization import DEFAULT_NORMALIZATION
-    from cahal_bids.patch_statistics import PATCH_MEAN_DEFAULTS
-    from cahal_bids.zoo import write_zoo
+    from cahal_bids.core.grid import low_resolution_affine
+    from cahal_bids.core.nifti import save_image
+    from cahal_bids.core.normalization import DEFAULT_NORMALIZATION
+    from cahal_bids.engine.networks import ResidualUNet3D
+    from cahal_bids.engine.patch_statistics import PATCH_MEAN_DEFAULTS
+    from cahal_bids.engine.zoo import write_zoo
+    from cahal_bids.physics.degradation import degrade
 
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)

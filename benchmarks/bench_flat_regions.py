@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How much the shipped experts change featureless images (no detail to restore).
 
-The three 1 x 1 x 4 mm images of :mod:`cahal_bids.flat_regions` (a constant, two flat
+The three 1 x 1 x 4 mm images of :mod:`cahal_bids.evaluation.flat_regions` (a constant, two flat
 halves with one sharp in-plane step, a gentle in-plane ramp) go through each shipped
 zoo's V4A1 expert, small (64 x 64 x 16) and at a full head's size (192 x 224 x 48);
 the relative change from the (exact) trilinear input is reported away from the borders.
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from cahal_bids.flat_regions import flat_region_changes
-from cahal_bids.inference import Enhancer
-from cahal_bids.zoo import Zoo, default_zoo_path
+from cahal_bids.engine.inference import Enhancer
+from cahal_bids.engine.zoo import Zoo, default_zoo_path
+from cahal_bids.evaluation.flat_regions import flat_region_changes
 
 
 def main() -> None:

@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument('--omp-nthreads', type=int, default=1)
     args = parser.parse_args()
 
-    from cahal_bids.demo import TEMPLATE_LABEL, make_demo_dataset, make_demo_template
+    from cahal_bids.cli.demo import TEMPLATE_LABEL, make_demo_dataset, make_demo_template
 
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cahal_bids.acquisition import sample_in_cell
-from cahal_bids.evaluation import acquire, cahal_method, psnr
-from cahal_bids.inference import Enhancer
-from cahal_bids.preparation import PreparedVolume
-from cahal_bids.routing import CELLS
-from cahal_bids.zoo import Zoo
+from cahal_bids.core.routing import CELLS
+from cahal_bids.engine.inference import Enhancer
+from cahal_bids.engine.zoo import Zoo
+from cahal_bids.evaluation.protocol import acquire, cahal_method, psnr
+from cahal_bids.physics.acquisition import sample_in_cell
+from cahal_bids.training.preparation import PreparedVolume
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Seconds per training step of one expert, in float32 and under bfloat16 autocast.
 
-Runs :func:`cahal_bids.training.fit` exactly as ``cahal-train fit`` does (pairs made on
+Runs :func:`cahal_bids.training.fit.fit` exactly as ``cahal-train fit`` does (pairs made on
 the fly, edge-weighted MAE plus the float32 Fourier term, Adam, checkpoints) on a
 synthetic head-sized volume, once per precision, and prints the mean step time after a
 warm-up. On CPU the loop runs channels-last in both precisions (as ``fit`` does);
@@ -20,11 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cahal_bids.acquisition import CellSampler
-from cahal_bids.losses import CahalLoss
-from cahal_bids.networks import ResidualUNet3D
-from cahal_bids.pairs import GroundTruthBlur, IntensityAugmentation, PairStream, TrainingVolume
-from cahal_bids.training import TrainingSchedule, fit
+from cahal_bids.engine.networks import ResidualUNet3D
+from cahal_bids.physics.acquisition import CellSampler
+from cahal_bids.training.fit import TrainingSchedule, fit
+from cahal_bids.training.losses import CahalLoss
+from cahal_bids.training.pairs import (
+    GroundTruthBlur,
+    IntensityAugmentation,
+    PairStream,
+    TrainingVolume,
+)
 
 WARM_UP_STEPS = 3
 

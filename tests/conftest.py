@@ -162,10 +162,10 @@ def write_test_zoo(
     """A zoo of tiny random-weight experts (non-zero heads, so they change the image)."""
     import torch
 
-    from cahal_bids.networks import ResidualUNet3D
-    from cahal_bids.normalization import DEFAULT_NORMALIZATION
-    from cahal_bids.routing import CELLS
-    from cahal_bids.zoo import write_zoo
+    from cahal_bids.core.normalization import DEFAULT_NORMALIZATION
+    from cahal_bids.core.routing import CELLS
+    from cahal_bids.engine.networks import ResidualUNet3D
+    from cahal_bids.engine.zoo import write_zoo
 
     chosen = list(CELLS if cells is None else cells)
     experts = {}

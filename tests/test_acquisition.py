@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cahal_bids.acquisition import (
+from cahal_bids.core.routing import CELLS, cell_bounds, route
+from cahal_bids.physics.acquisition import (
     CLINICAL_PATTERN_MIX,
     PATTERN_ODD_AXIS,
     RESEARCH_PATTERN_MIX,
@@ -19,7 +20,6 @@ from cahal_bids.acquisition import (
     sample_in_cell,
     triplet_from_volume_anisotropy,
 )
-from cahal_bids.routing import CELLS, cell_bounds, route
 
 seeds = st.integers(min_value=0, max_value=2**32 - 1)
 

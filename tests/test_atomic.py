@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from cahal_bids.atomic import atomic_path, write_json_atomic
+from cahal_bids.core.atomic import atomic_path, write_json_atomic
 
 
 def test_new_files_get_ordinary_permissions(tmp_path):

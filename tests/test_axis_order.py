@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from cahal_bids.axis_order import inverse, thickest_last, validated_axis_order
+from cahal_bids.core.axis_order import inverse, thickest_last, validated_axis_order
 
 
 @pytest.mark.parametrize(
@@ -41,7 +41,7 @@ def test_manifest_entry_is_checked():
 
 
 def test_zoo_manifest_axis_order_is_written_and_checked(make_zoo):
-    from cahal_bids.zoo import MANIFEST_NAME, Zoo, ZooError
+    from cahal_bids.engine.zoo import MANIFEST_NAME, Zoo, ZooError
 
     folder = make_zoo('ordered', cells=['V1A3'], axis_order='thickest-last')
     assert Zoo.open(folder).axis_order == 'thickest-last'

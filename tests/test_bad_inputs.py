@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cahal_bids.cli import enhance
-from cahal_bids.errors import CahalError
-from cahal_bids.nifti import load_header, load_image
-from cahal_bids.routing import route
+from cahal_bids.core.errors import CahalError
+from cahal_bids.core.nifti import load_header, load_image
+from cahal_bids.core.routing import route
 
 LOW = (1.0, 1.0, 4.0)
 

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cahal_bids.bids import (
+from cahal_bids.app.bids import (
     BIDSInputError,
     InputImage,
     check_output_dir,
@@ -23,10 +23,10 @@ from cahal_bids.bids import (
     read_layout,
     strip_subject_prefix,
 )
+from cahal_bids.app.config import RunConfig
+from cahal_bids.app.workflows.base import init_single_subject_wf
 from cahal_bids.cli import run
-from cahal_bids.config import RunConfig
-from cahal_bids.grid import native_grid
-from cahal_bids.workflows.base import init_single_subject_wf
+from cahal_bids.core.grid import native_grid
 
 IMAGES = [
     ('sub-01/anat/sub-01_T1w.nii.gz', (1.0, 1.0, 4.0)),

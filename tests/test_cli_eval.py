@@ -54,7 +54,7 @@ def test_eval_writes_cases_and_tables(tmp_path, make_nifti, make_zoo, capsys):
     overall = record['summary_psnr']['by_bin']['overall']
     assert abs(overall['cahal']['mean'] - overall['trilinear']['mean']) < 1e-3
     # the shipped T1w segmenter is used by default, and can be turned off
-    from cahal_bids.segmenter import default_segmenter_path
+    from cahal_bids.engine.segmenter import default_segmenter_path
 
     shipped = default_segmenter_path('T1w')
     if shipped is not None:
@@ -121,7 +121,7 @@ def test_eval_resumes_finished_cells(tmp_path, make_nifti, make_zoo, capsys, mon
     def refuse(*args, **kwargs):
         raise AssertionError('a finished cell was evaluated again')
 
-    monkeypatch.setattr('cahal_bids.evaluation.evaluate_volume', refuse)
+    monkeypatch.setattr('cahal_bids.evaluation.protocol.evaluate_volume', refuse)
     assert _run_eval(source, zoo, out, '--no-flat-check') == 0, capsys.readouterr().err
     assert json.loads((out / 'cases.json').read_text())['cases'] == first['cases']
     # another protocol (seed) does not reuse them
@@ -132,7 +132,7 @@ def test_eval_resumes_finished_cells(tmp_path, make_nifti, make_zoo, capsys, mon
 def test_eval_reevaluates_only_the_cells_whose_expert_changed(
     tmp_path, make_nifti, make_zoo, capsys, monkeypatch
 ):
-    import cahal_bids.evaluation as evaluation
+    import cahal_bids.evaluation.protocol as evaluation
 
     torch.set_num_threads(1)
     source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0), name='sub-01_T1w.nii.gz')
@@ -154,7 +154,7 @@ def test_eval_reevaluates_only_the_cells_whose_expert_changed(
         evaluated.append(tuple(kwargs['cells']))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr('cahal_bids.evaluation.evaluate_volume', recording)
+    monkeypatch.setattr('cahal_bids.evaluation.protocol.evaluate_volume', recording)
     assert _run_eval(source, zoo, out, '--no-flat-check') == 0, capsys.readouterr().err
     assert evaluated == [('V6A1',)]
 
@@ -175,13 +175,13 @@ def test_eval_reevaluates_when_the_axis_order_changes(
     def refuse(*args, **kwargs):
         raise AssertionError('evaluated again')
 
-    monkeypatch.setattr('cahal_bids.evaluation.evaluate_volume', refuse)
+    monkeypatch.setattr('cahal_bids.evaluation.protocol.evaluate_volume', refuse)
     with pytest.raises(AssertionError, match='evaluated again'):
         _run_eval(source, zoo, out, '--no-flat-check')
 
 
 def test_eval_seeds_do_not_depend_on_the_cell_subset(tmp_path, make_nifti, make_zoo):
-    from cahal_bids.evaluation import evaluate_volume
+    from cahal_bids.evaluation.protocol import evaluate_volume
 
     truth = _brain()
     mask = truth > 0
@@ -299,7 +299,7 @@ def test_eval_reads_a_bids_dataset_with_a_filter(tmp_path, make_nifti, make_zoo,
 
 
 def test_eval_with_a_segmenter_reports_tissue_bias(tmp_path, make_nifti, make_zoo, capsys):
-    from cahal_bids.segmenter import TissueSegmenter, save_segmenter
+    from cahal_bids.engine.segmenter import TissueSegmenter, save_segmenter
 
     torch.manual_seed(0)
     segmenter = save_segmenter(TissueSegmenter(), tmp_path / 'seg', modality='T1w')

@@ -468,7 +468,7 @@ def test_final_stage_runs_cahal_bids_as_a_non_root_user(dockerfile):
 
 
 def test_labels_and_container_variables(dockerfile, monkeypatch):
-    from cahal_bids.bids import container_from_environment
+    from cahal_bids.app.bids import container_from_environment
 
     _, stages = dockerfile
     runtime = stages[-1]
@@ -494,7 +494,7 @@ def test_labels_and_container_variables(dockerfile, monkeypatch):
 
 def test_templates_are_fetched_into_templateflow_home(dockerfile, tmp_path, monkeypatch):
     """The build fetches, and checks, the files that registration reads at run time."""
-    from cahal_bids.registration import resolve_template
+    from cahal_bids.app.registration import resolve_template
 
     _, stages = dockerfile
     runtime = stages[-1]

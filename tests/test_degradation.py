@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cahal_bids.acquisition import CellSampler, ClinicalMixSampler
-from cahal_bids.degradation import (
+from cahal_bids.core.routing import CELLS, route
+from cahal_bids.physics.acquisition import CellSampler, ClinicalMixSampler
+from cahal_bids.physics.degradation import (
     DegradationParameters,
     Degrade,
     RandomDegrade,
     degrade,
     low_resolution_shape,
 )
-from cahal_bids.routing import CELLS, route
 
 resolutions = st.floats(min_value=1.0, max_value=6.0)
 fractions = st.floats(min_value=0.0, max_value=0.999)

@@ -34,7 +34,7 @@ def _load_extension():
 
 
 def test_fallback_graph_drawing_without_graphviz():
-    from cahal_bids.workflows.enhance import init_enhance_wf
+    from cahal_bids.app.workflows.enhance import init_enhance_wf
 
     extension = _load_extension()
     workflow = init_enhance_wf(modality='T1w', denoise=True, device='cpu', zoo='z', omp_nthreads=1)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from cahal_bids.evaluation import (
+from cahal_bids.engine.inference import Enhancer
+from cahal_bids.engine.zoo import Zoo
+from cahal_bids.evaluation.protocol import (
     acquire,
     cubic_bspline,
     data_consistency,
@@ -18,8 +20,6 @@ from cahal_bids.evaluation import (
     summarize,
     trilinear,
 )
-from cahal_bids.inference import Enhancer
-from cahal_bids.zoo import Zoo
 
 
 def _phantom(shape=(30, 34, 28)):
@@ -48,7 +48,7 @@ def test_baselines_reproduce_smooth_signals_and_are_consistent():
         assert estimate.shape == truth.shape
         assert psnr(truth, estimate, mask, 1.0) > 15
     # the reference is exactly the degradation model's trilinear return to 1 mm
-    from cahal_bids.degradation import degrade
+    from cahal_bids.physics.degradation import degrade
 
     expected = degrade(torch.from_numpy(truth).double(), resolution).float().numpy()
     np.testing.assert_allclose(
@@ -86,9 +86,9 @@ def test_protocol_with_an_identity_zoo(make_zoo):
 
 
 def test_flat_regions_are_left_alone_by_an_identity_expert(make_zoo):
-    from cahal_bids.flat_regions import flat_images, flat_region_changes
-    from cahal_bids.inference import Enhancer
-    from cahal_bids.zoo import Zoo
+    from cahal_bids.engine.inference import Enhancer
+    from cahal_bids.engine.zoo import Zoo
+    from cahal_bids.evaluation.flat_regions import flat_images, flat_region_changes
 
     images = flat_images((40, 36, 12))
     assert set(images) == {'constant', 'two halves', 'ramp'}

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from cahal_bids.evaluation_report import gain_grid, write_evaluation_report
+from cahal_bids.evaluation.report import gain_grid, write_evaluation_report
 
 
 def _case(cell, volume_bin, anisotropy_bin, method, psnr):

@@ -1,4 +1,4 @@
-"""The native 1 mm grid contract and resampling onto it (cahal_bids.grid)."""
+"""The native 1 mm grid contract and resampling onto it (cahal_bids.core.grid)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cahal_bids.grid import (
+from cahal_bids.core.grid import (
     NativeGrid,
     axis_operator,
     native_grid,
@@ -19,7 +19,7 @@ from cahal_bids.grid import (
     resample_image_to_native_grid,
     resample_to_native_grid,
 )
-from cahal_bids.orientation import Reorientation
+from cahal_bids.core.orientation import Reorientation
 
 ATOL_MM = 1e-6
 

@@ -11,9 +11,9 @@ import torch
 from scipy.ndimage import map_coordinates
 
 from cahal_bids.cli import enhance
-from cahal_bids.grid import native_grid
-from cahal_bids.inference import Enhancer, sidecar_path_for
-from cahal_bids.zoo import Zoo
+from cahal_bids.core.grid import native_grid
+from cahal_bids.engine.inference import Enhancer, sidecar_path_for
+from cahal_bids.engine.zoo import Zoo
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -267,9 +267,9 @@ def test_real_clinical_flairs_line_up(tmp_path, shared_data, make_zoo):
 @pytest.mark.slow
 def test_degraded_high_resolution_lines_up_with_its_ground_truth(tmp_path, shared_data, make_zoo):
     """A real 1 mm scan, degraded to 1 x 1 x 5 mm: the output lands on the truth's own grid."""
-    from cahal_bids.degradation import degrade
-    from cahal_bids.grid import low_resolution_affine
-    from cahal_bids.nifti import load_image, save_image
+    from cahal_bids.core.grid import low_resolution_affine
+    from cahal_bids.core.nifti import load_image, save_image
+    from cahal_bids.physics.degradation import degrade
 
     truth = load_image(shared_data / 'hr' / 'sub-stroke01' / 'anat' / 'sub-stroke01_T1w.nii.gz')
     resolution = (1.0, 5.0, 1.0)
@@ -312,7 +312,7 @@ def test_bf16_stays_close_to_fp32(tmp_path, make_nifti, make_zoo):
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
-    from cahal_bids import inference
+    from cahal_bids.engine import inference
 
     cpu = torch.device('cpu')
     monkeypatch.setattr(inference, '_cpu_has_native_bf16', lambda: True)

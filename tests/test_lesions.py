@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cahal_bids.evaluation import cahal_method, trilinear
-from cahal_bids.lesions import (
+from cahal_bids.engine.zoo import Zoo, ZooError, default_zoo_path
+from cahal_bids.evaluation.lesions import (
     LesionSpec,
     evaluate_lesions,
     evaluate_real_lesions,
@@ -16,7 +16,7 @@ from cahal_bids.lesions import (
     lesion_measures,
     lesion_table,
 )
-from cahal_bids.zoo import Zoo, ZooError, default_zoo_path
+from cahal_bids.evaluation.protocol import cahal_method, trilinear
 
 
 def _brain(shape=(48, 48, 48)):
@@ -106,7 +106,7 @@ def test_shipped_zoos_keep_lesions_at_least_as_well_as_the_reference(modality, o
         zoo = Zoo.open(default_zoo_path(modality))
     except ZooError as error:
         pytest.skip(str(error))
-    from cahal_bids.inference import Enhancer
+    from cahal_bids.engine.inference import Enhancer
 
     rng = np.random.default_rng(0)
     shape = (96, 96, 96)

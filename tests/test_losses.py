@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from cahal_bids.degradation import degrade
-from cahal_bids.losses import (
+from cahal_bids.physics.degradation import degrade
+from cahal_bids.training.losses import (
     CahalLoss,
     EdgeWeightedL1,
     FourierLoss,

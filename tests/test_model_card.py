@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cahal_bids.model_card import write_model_card
+from cahal_bids.evaluation.model_card import write_model_card
 
 
 def _empty_evaluation(tmp_path):
@@ -101,8 +101,8 @@ def test_model_card_says_where_each_expert_started(tmp_path, make_zoo):
 
 
 def test_model_card_names_the_runs_of_a_merged_zoo(tmp_path, make_zoo):
-    from cahal_bids.zoo import Zoo
-    from cahal_bids.zoo_merge import merge_zoos
+    from cahal_bids.engine.zoo import Zoo
+    from cahal_bids.training.zoo_merge import merge_zoos
 
     first = make_zoo('first', cells=['V1A3', 'V2A2'])
     second = make_zoo('second', cells=['V2A3'], seed=3)

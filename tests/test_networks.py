@@ -1,4 +1,4 @@
-"""Tests of cahal_bids.networks: the residual U-Net expert and its inference helpers."""
+"""Tests of cahal_bids.engine.networks: the residual U-Net expert and its inference helpers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from cahal_bids.networks import (
+from cahal_bids.engine.networks import (
     FreezableInstanceNorm3d,
     ResidualUNet3D,
     count_parameters,
@@ -257,7 +257,7 @@ def test_peak_estimate_scales_with_width_and_dtype() -> None:
 _PROBE = textwrap.dedent(
     """
     import sys, torch
-    from cahal_bids.networks import ResidualUNet3D
+    from cahal_bids.engine.networks import ResidualUNet3D
 
     def status(key):
         with open('/proc/self/status') as handle:

@@ -1,4 +1,4 @@
-"""Loading, validation and atomic saving of NIfTI images (cahal_bids.nifti)."""
+"""Loading, validation and atomic saving of NIfTI images (cahal_bids.core.nifti)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cahal_bids import nifti
-from cahal_bids.errors import InvalidImageError
-from cahal_bids.nifti import LoadedHeader, LoadedImage, load_header, load_image, save_image
+from cahal_bids.core import nifti
+from cahal_bids.core.errors import InvalidImageError
+from cahal_bids.core.nifti import LoadedHeader, LoadedImage, load_header, load_image, save_image
 
 
 def _refused(path: Path, *words: str, header_too: bool = True) -> InvalidImageError:
@@ -361,7 +361,7 @@ def test_save_refuses_bad_input(tmp_path):
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
-    import cahal_bids.nifti as nifti_module
+    import cahal_bids.core.nifti as nifti_module
 
     target = tmp_path / 'out.nii.gz'
     target.write_bytes(b'previous content')

@@ -1,4 +1,4 @@
-"""Lossless RAS reorientation (cahal_bids.orientation), with property tests."""
+"""Lossless RAS reorientation (cahal_bids.core.orientation), with property tests."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nibabel.orientations import apply_orientation
 
-from cahal_bids.orientation import Reorientation
+from cahal_bids.core.orientation import Reorientation
 
 PERMUTATIONS = list(itertools.permutations(range(3)))
 

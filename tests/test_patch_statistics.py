@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from cahal_bids.networks import ResidualUNet3D
-from cahal_bids.patch_statistics import (
+from cahal_bids.engine.networks import ResidualUNet3D
+from cahal_bids.engine.patch_statistics import (
     PATCH_MEAN_DEFAULTS,
     patch_centres,
     patch_mean_statistics,
     validated_norm_statistics,
 )
-from cahal_bids.zoo import MANIFEST_NAME, Zoo, ZooError
+from cahal_bids.engine.zoo import MANIFEST_NAME, Zoo, ZooError
 
 
 def _network(seed: int = 0) -> ResidualUNet3D:

@@ -1,4 +1,4 @@
-"""Ground-truth preparation (cahal_bids.preparation) and ``cahal-train prepare``.
+"""Ground-truth preparation (cahal_bids.training.preparation) and ``cahal-train prepare``.
 
 The unit tests run the whole pipeline (ANTs included) on small synthetic
 three-tissue phantoms defined in world coordinates, so the true tissue of every
@@ -16,13 +16,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cahal_bids import preparation
+from cahal_bids.training import preparation
 from cahal_bids.cli.train_prepare import add_prepare_arguments, run_prepare
-from cahal_bids.errors import InvalidImageError
-from cahal_bids.grid import native_grid
-from cahal_bids.normalization import DEFAULT_NORMALIZATION, RobustScale
-from cahal_bids.orientation import Reorientation
-from cahal_bids.preparation import (
+from cahal_bids.core.errors import InvalidImageError
+from cahal_bids.core.grid import native_grid
+from cahal_bids.core.normalization import DEFAULT_NORMALIZATION, RobustScale
+from cahal_bids.core.orientation import Reorientation
+from cahal_bids.training.preparation import (
     BrainTemplate,
     PreparationError,
     PreparedVolume,

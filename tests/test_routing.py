@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cahal_bids.errors import RoutingError
-from cahal_bids.routing import (
+from cahal_bids.core.errors import RoutingError
+from cahal_bids.core.routing import (
     CELLS,
     INFEASIBLE_CELLS,
     SKIP_TOLERANCE_MM,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cahal_bids.segmenter import (
+from cahal_bids.engine.segmenter import (
     SEGMENTER_MANIFEST,
     SEGMENTER_WEIGHTS,
     SegmenterError,
@@ -20,7 +20,7 @@ from cahal_bids.segmenter import (
     save_segmenter,
     train_segmenter,
 )
-from cahal_bids.zoo import ZooError, file_sha256
+from cahal_bids.engine.zoo import ZooError, file_sha256
 
 
 def phantom(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +255,7 @@ def test_training_segments_a_phantom():
     scores = dice_per_class(pred, labels)
     assert min(scores[label] for label in (1, 2, 3)) > 0.8, scores
     # the whole-volume helpers agree with the network
-    from cahal_bids.segmenter import segment_volume, validation_dice
+    from cahal_bids.engine.segmenter import segment_volume, validation_dice
 
     hard = segment_volume(model, image)
     assert hard.dtype == np.uint8 and np.array_equal(hard, pred)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cahal_bids.flat_regions import flat_region_changes
-from cahal_bids.inference import Enhancer
-from cahal_bids.routing import CELLS
-from cahal_bids.zoo import Zoo, ZooError, default_zoo_path
+from cahal_bids.core.routing import CELLS
+from cahal_bids.engine.inference import Enhancer
+from cahal_bids.engine.zoo import Zoo, ZooError, default_zoo_path
+from cahal_bids.evaluation.flat_regions import flat_region_changes
 
 MODALITIES = ['T1w', 'FLAIR']
 
@@ -55,7 +55,7 @@ def test_no_detail_is_invented_on_flat_regions(modality, one_thread):
 
 @pytest.mark.parametrize('modality', MODALITIES)
 def test_shipped_segmenter_is_intact_validated_and_documented(modality):
-    from cahal_bids.segmenter import default_segmenter_path, load_segmenter, segment_volume
+    from cahal_bids.engine.segmenter import default_segmenter_path, load_segmenter, segment_volume
 
     path = default_segmenter_path(modality)
     if path is None:

@@ -1,4 +1,4 @@
-"""Tests of cahal_bids.tiling: sliding windows, tile sizing and the out-of-memory fallback."""
+"""cahal_bids.engine.tiling: sliding windows, tile sizing and the out-of-memory fallback."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cahal_bids import tiling
-from cahal_bids.networks import ResidualUNet3D, estimate_norm_statistics
-from cahal_bids.tiling import (
+from cahal_bids.engine import tiling
+from cahal_bids.engine.networks import ResidualUNet3D, estimate_norm_statistics
+from cahal_bids.engine.tiling import (
     FALLBACK_CPU_BYTES,
     InsufficientMemoryError,
     available_memory_bytes,
@@ -345,14 +345,14 @@ class _SmallTilesOnly:
 def test_fallback_halves_tiles_until_they_fit(caplog: pytest.LogCaptureFixture) -> None:
     x = torch.rand(1, 1, 70, 64, 60)
     predictor = _SmallTilesOnly(limit=32**3)
-    with caplog.at_level(logging.WARNING, logger='cahal_bids.tiling'):
+    with caplog.at_level(logging.WARNING, logger='cahal_bids.engine.tiling'):
         y, tile = run_tiled_with_fallback(
             x, predictor, tile_size=128, overlap=0.25, progress=False, min_size=16
         )
     assert tile == (32, 32, 32)  # whole (72x64x64), then 32^3 (36 is rounded down to 32)
     assert predictor.shapes[0] == (70, 64, 60)  # a tile covering the volume runs whole
     assert torch.equal(y, x + 1)
-    messages = [r.getMessage() for r in caplog.records if r.name == 'cahal_bids.tiling']
+    messages = [r.getMessage() for r in caplog.records if r.name == 'cahal_bids.engine.tiling']
     assert len(messages) == 1
     assert 'Out of memory with tiles of 128x128x128' in messages[0]
 

@@ -12,10 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from cahal_bids.acquisition import CellSampler
-from cahal_bids.degradation import Degrade
-from cahal_bids.networks import ResidualUNet3D
-from cahal_bids.pairs import (
+from cahal_bids.core.routing import CELLS, route
+from cahal_bids.engine.networks import ResidualUNet3D
+from cahal_bids.physics.acquisition import CellSampler
+from cahal_bids.physics.degradation import Degrade
+from cahal_bids.training.fit import (
+    AnyCellSampler,
+    TrainingSchedule,
+    curriculum_order,
+    fit,
+    parent_cell,
+)
+from cahal_bids.training.pairs import (
     ContrastAugmentation,
     GroundTruthBlur,
     HeadCoverageAugmentation,
@@ -23,14 +31,6 @@ from cahal_bids.pairs import (
     PairStream,
     TrainingVolume,
     crop_with_zeros,
-)
-from cahal_bids.routing import CELLS, route
-from cahal_bids.training import (
-    AnyCellSampler,
-    TrainingSchedule,
-    curriculum_order,
-    fit,
-    parent_cell,
 )
 
 
@@ -344,10 +344,10 @@ def test_resume_with_more_patience_continues_after_an_early_stop(tmp_path):
 STOPPABLE_RUN = """
 import sys, numpy as np, torch
 torch.set_num_threads(1)
-from cahal_bids.acquisition import CellSampler
-from cahal_bids.networks import ResidualUNet3D
-from cahal_bids.pairs import PairStream, TrainingVolume
-from cahal_bids.training import TrainingSchedule, fit
+from cahal_bids.physics.acquisition import CellSampler
+from cahal_bids.engine.networks import ResidualUNet3D
+from cahal_bids.training.pairs import PairStream, TrainingVolume
+from cahal_bids.training.fit import TrainingSchedule, fit
 image = np.random.default_rng(0).random((24, 24, 24)).astype(np.float32)
 volume = TrainingVolume(image=image, head_mask=image > 0.2, name='noise')
 stream = PairStream([volume], CellSampler('V4A1'), patch_size=8, margin=6, seed=0)

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from cahal_bids.routing import CELLS
-from cahal_bids.zoo import (
+from cahal_bids.core.routing import CELLS
+from cahal_bids.engine.zoo import (
     MANIFEST_NAME,
     Zoo,
     ZooError,

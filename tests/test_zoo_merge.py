@@ -7,8 +7,8 @@ import json
 import pytest
 
 from cahal_bids.cli.train import main as train_main
-from cahal_bids.zoo import MANIFEST_NAME, Zoo, ZooError, file_sha256
-from cahal_bids.zoo_merge import merge_zoos
+from cahal_bids.engine.zoo import MANIFEST_NAME, Zoo, ZooError, file_sha256
+from cahal_bids.training.zoo_merge import merge_zoos
 
 
 def _sha(zoo_path, cell):
@@ -33,7 +33,7 @@ def test_last_zoo_wins_and_files_carry_over(make_zoo, tmp_path):
 
 
 def test_disjoint_halves_make_a_whole(make_zoo, tmp_path):
-    from cahal_bids.routing import CELLS
+    from cahal_bids.core.routing import CELLS
 
     first = make_zoo('a', cells=CELLS[::2])
     second = make_zoo('b', cells=CELLS[1::2], seed=50)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from cahal_bids.pairs import TrainingVolume
-from cahal_bids.patch_statistics import PATCH_MEAN_DEFAULTS
-from cahal_bids.training import TrainingInterrupted
-from cahal_bids.zoo import MANIFEST_NAME, Zoo
-from cahal_bids.zoo_training import ZooTrainingConfig, train_zoo
+from cahal_bids.engine.patch_statistics import PATCH_MEAN_DEFAULTS
+from cahal_bids.engine.zoo import MANIFEST_NAME, Zoo
+from cahal_bids.training.fit import TrainingInterrupted
+from cahal_bids.training.pairs import TrainingVolume
+from cahal_bids.training.zoo_training import ZooTrainingConfig, train_zoo
 
 
 def _l1(prediction, target):

@@ -97,9 +97,9 @@ def dry_run_report(path: Path) -> dict[str, Any]:
     """What ``--dry-run`` prints: the header, the routing decision and the output grid."""
     import nibabel as nib
 
-    from cahal_bids.grid import native_grid
-    from cahal_bids.nifti import load_header
-    from cahal_bids.routing import route
+    from cahal_bids.core.grid import native_grid
+    from cahal_bids.core.nifti import load_header
+    from cahal_bids.core.routing import route
 
     header = load_header(path)
     decision = route(header.voxel_sizes)
@@ -132,7 +132,7 @@ def dry_run_report(path: Path) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from cahal_bids.errors import CahalError
+    from cahal_bids.core.errors import CahalError
 
     if not args.input.exists():
         report_error(PROG, f'{args.input}: input file not found')
@@ -159,9 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _enhance(args) -> int:
     import torch
 
-    from cahal_bids.errors import CahalError
-    from cahal_bids.inference import Enhancer, resolve_device
-    from cahal_bids.zoo import Zoo, ZooError, default_zoo_path
+    from cahal_bids.core.errors import CahalError
+    from cahal_bids.engine.inference import Enhancer, resolve_device
+    from cahal_bids.engine.zoo import Zoo, ZooError, default_zoo_path
 
     torch.set_num_threads(args.threads or default_threads())
     try:

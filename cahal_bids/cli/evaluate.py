@@ -128,7 +128,7 @@ def _is_bids_dataset(path: Path) -> bool:
 
 def _input_files(args: argparse.Namespace) -> list[Path]:
     """Images and prepared folders; BIDS datasets expanded to their matching images."""
-    from cahal_bids.bids import collect_images, load_bids_filters, read_layout
+    from cahal_bids.app.bids import collect_images, load_bids_filters, read_layout
 
     found: list[Path] = []
     filters = load_bids_filters(args.bids_filter_file) if args.bids_filter_file else None
@@ -149,8 +149,8 @@ def _input_files(args: argparse.Namespace) -> list[Path]:
 
 
 def _prepared_entries(args: argparse.Namespace) -> list[Any]:
-    from cahal_bids.errors import CahalError
-    from cahal_bids.preparation import PreparedVolume, prepare_image
+    from cahal_bids.core.errors import CahalError
+    from cahal_bids.training.preparation import PreparedVolume, prepare_image
 
     entries = []
     for path in _input_files(args):
@@ -228,9 +228,9 @@ def _evaluate_cell(
     cache: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """One cell of one subject, from ``OUT/cases`` when it was finished before."""
-    from cahal_bids.atomic import atomic_path
-    from cahal_bids.evaluation import evaluate_volume
-    from cahal_bids.inference import write_json_atomic
+    from cahal_bids.core.atomic import atomic_path
+    from cahal_bids.engine.inference import write_json_atomic
+    from cahal_bids.evaluation.protocol import evaluate_volume
 
     folder = args.out / 'cases' / entry.directory.name
     record_path = folder / f'{cell}.json'
@@ -268,7 +268,7 @@ def _evaluate_cell(
 
 
 def _summary_from_dicts(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    from cahal_bids.evaluation import EvaluationCase, summarize
+    from cahal_bids.evaluation.protocol import EvaluationCase, summarize
 
     cases = []
     for row in rows:
@@ -283,17 +283,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from cahal_bids.cli.enhance import default_threads
-    from cahal_bids.errors import CahalError
-    from cahal_bids.evaluation import (
+    from cahal_bids.core.errors import CahalError
+    from cahal_bids.core.routing import CELLS
+    from cahal_bids.engine.inference import Enhancer, resolve_device, write_json_atomic
+    from cahal_bids.engine.zoo import Zoo, default_zoo_path
+    from cahal_bids.evaluation.external_methods import command_method, parse_method_spec
+    from cahal_bids.evaluation.protocol import (
         markdown_tables,
         mean_dice,
         volumetric_bias,
         volumetric_bias_table,
     )
-    from cahal_bids.external_methods import command_method, parse_method_spec
-    from cahal_bids.inference import Enhancer, resolve_device, write_json_atomic
-    from cahal_bids.routing import CELLS
-    from cahal_bids.zoo import Zoo, default_zoo_path
 
     torch.set_num_threads(args.threads or default_threads())
     cells = tuple(args.cells) if args.cells else CELLS
@@ -315,11 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         enhancer = Enhancer(zoo, device=device)
         segmenter = None
         if args.segmenter is None and not args.no_segmenter:
-            from cahal_bids.segmenter import default_segmenter_path
+            from cahal_bids.engine.segmenter import default_segmenter_path
 
             args.segmenter = default_segmenter_path(args.modality)
         if args.segmenter is not None:
-            from cahal_bids.segmenter import load_segmenter
+            from cahal_bids.engine.segmenter import load_segmenter
 
             segmenter = load_segmenter(args.segmenter, device=device)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -366,8 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lesion_rows: list[dict] = []
     real_lesion_rows: list[dict] = []
     if args.lesions or args.real_lesions:
-        from cahal_bids.evaluation import cahal_method, cubic_bspline, trilinear
-        from cahal_bids.lesions import evaluate_lesions, evaluate_real_lesions
+        from cahal_bids.evaluation.lesions import evaluate_lesions, evaluate_real_lesions
+        from cahal_bids.evaluation.protocol import cahal_method, cubic_bspline, trilinear
 
         lesion_methods = {
             'trilinear': trilinear,
@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
     flat: dict[str, Any] = {}
     if not args.no_flat_check and entries:
-        from cahal_bids.flat_regions import flat_region_changes
+        from cahal_bids.evaluation.flat_regions import flat_region_changes
 
         shape = entries[0].image().shape
         low_shape = (shape[0], shape[1], max(shape[2] // 4, 4))
@@ -431,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     (args.out / 'tables.md').write_text(tables)
     if lesion_rows:
-        from cahal_bids.lesions import lesion_table
+        from cahal_bids.evaluation.lesions import lesion_table
 
         write_json_atomic(args.out / 'lesions.json', {'seed': args.seed, 'rows': lesion_rows})
         lesions_md = lesion_table(lesion_rows)
@@ -439,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables += '\nLesion preservation (contrast ratio / volume ratio; 1.00 = as in truth):\n\n'
         tables += lesions_md
     if real_lesion_rows:
-        from cahal_bids.lesions import lesion_table
+        from cahal_bids.evaluation.lesions import lesion_table
 
         write_json_atomic(
             args.out / 'real_lesions.json', {'seed': args.seed, 'rows': real_lesion_rows}
@@ -453,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     elif args.real_lesions:
         tables += '\nReal lesions: no hyperintense lesion found by the threshold.\n'
-    from cahal_bids.evaluation_report import write_evaluation_report
+    from cahal_bids.evaluation.report import write_evaluation_report
 
     write_evaluation_report(
         args.out,

@@ -261,7 +261,7 @@ def _open_zoos(paths: Sequence[Path], modalities: Sequence[str]) -> tuple[dict, 
     """Zoo folder and cache identifier per modality, from --zoo or the shipped zoos."""
     import hashlib
 
-    from cahal_bids.zoo import MANIFEST_NAME, Zoo, ZooError, default_zoo_path
+    from cahal_bids.engine.zoo import MANIFEST_NAME, Zoo, ZooError, default_zoo_path
 
     folders: dict[str, Path] = {}
     for path in paths:
@@ -307,7 +307,7 @@ def _configure_nipype(config, work_dir: Path) -> str | None:
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
-    from cahal_bids.atomic import write_text_atomic
+    from cahal_bids.core.atomic import write_text_atomic
 
     settings = {
         'execution': {
@@ -365,8 +365,8 @@ def crash_reason(crash_file: Path) -> str:
 
 def _screen_headers(images: dict) -> tuple[dict, list[tuple[str, str]]]:
     """Drop images whose header cannot be used, with a one-line reason for each."""
-    from cahal_bids.errors import CahalError
-    from cahal_bids.nifti import load_header
+    from cahal_bids.core.errors import CahalError
+    from cahal_bids.core.nifti import load_header
 
     kept: dict = {}
     rejected: list[tuple[str, str]] = []
@@ -383,8 +383,8 @@ def _screen_headers(images: dict) -> tuple[dict, list[tuple[str, str]]]:
 
 def run_group(output_dir: Path) -> int:
     """Group level: ``group_summary.tsv`` and ``group.html`` from the participant outputs."""
-    from cahal_bids.group import collect_group_rows, write_group_summary
-    from cahal_bids.reports import write_group_report
+    from cahal_bids.app.group import collect_group_rows, write_group_summary
+    from cahal_bids.app.reports import write_group_report
 
     if not output_dir.is_dir():
         report_error(PROG, f'{output_dir}: no participant-level outputs to summarise')
@@ -403,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear rec
     args = build_parser().parse_args(argv)
     # nothing is ever sent: keep Nipype's version check (a network call) off before import
     os.environ.setdefault('NIPYPE_NO_ET', '1')
-    from cahal_bids.bids import (
+    from cahal_bids.app.bids import (
         BIDSInputError,
         check_output_dir,
         collect_images,
@@ -412,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear rec
         read_layout,
         write_dataset_description,
     )
-    from cahal_bids.errors import CahalError
+    from cahal_bids.core.errors import CahalError
 
     bids_dir = args.bids_dir.resolve()
     output_dir = args.output_dir.resolve()
@@ -426,8 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear rec
     if args.analysis_level == 'group':
         return run_group(output_dir)
 
-    from cahal_bids.boilerplate import boilerplate
-    from cahal_bids.config import RunConfig
+    from cahal_bids.app.boilerplate import boilerplate
+    from cahal_bids.app.config import RunConfig
 
     work_dir = (args.work_dir or Path.cwd() / 'work').resolve()
     nprocs = args.nprocs or _available_cpus()
@@ -479,13 +479,13 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear rec
     )
     methods = boilerplate(config)
     if args.boilerplate_only:
-        from cahal_bids.atomic import write_text_atomic
+        from cahal_bids.core.atomic import write_text_atomic
 
         path = write_text_atomic(output_dir / 'logs' / 'CITATION.md', methods)
         print(f'{PROG}: methods boilerplate written to {path}')
         return EXIT_OK
 
-    from cahal_bids.registration import resolve_template
+    from cahal_bids.app.registration import resolve_template
 
     try:
         layout = read_layout(
@@ -513,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear rec
         report_error(PROG, str(error))
         return EXIT_USAGE
 
-    from cahal_bids.workflows.base import init_cahal_wf, subject_log_dir
+    from cahal_bids.app.workflows.base import init_cahal_wf, subject_log_dir
 
     for subject, reason in rejected:
         report_error(PROG, f'sub-{subject}: skipped: {reason}')
@@ -526,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear rec
     write_dataset_description(
         output_dir, bids_dir=bids_dir, container=container_from_environment()
     )
-    from cahal_bids.atomic import write_text_atomic
+    from cahal_bids.core.atomic import write_text_atomic
 
     write_text_atomic(output_dir / 'logs' / 'CITATION.md', methods)
     for subject in images:
@@ -552,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear rec
             os.environ.pop('NIPYPE_CONFIG_DIR', None)
         else:
             os.environ['NIPYPE_CONFIG_DIR'] = previous_config_dir
-    from cahal_bids.reports import write_subject_report
+    from cahal_bids.app.reports import write_subject_report
 
     failures: dict[str, list[Path]] = {}
     for subject in images:

@@ -255,15 +255,15 @@ def _set_threads(threads: int | None) -> None:
 def _run_fit(args: argparse.Namespace) -> int:
     import logging
 
-    from cahal_bids.errors import CahalError
-    from cahal_bids.inference import resolve_device, resolve_precision
-    from cahal_bids.losses import CahalLoss
-    from cahal_bids.prepared import load_training_volumes
-    from cahal_bids.routing import CELLS
-    from cahal_bids.segmenter import load_segmenter
-    from cahal_bids.training import TrainingInterrupted
-    from cahal_bids.zoo import Zoo
-    from cahal_bids.zoo_training import ZooTrainingConfig, train_zoo
+    from cahal_bids.core.errors import CahalError
+    from cahal_bids.core.routing import CELLS
+    from cahal_bids.engine.inference import resolve_device, resolve_precision
+    from cahal_bids.engine.segmenter import load_segmenter
+    from cahal_bids.engine.zoo import Zoo
+    from cahal_bids.training.fit import TrainingInterrupted
+    from cahal_bids.training.losses import CahalLoss
+    from cahal_bids.training.prepared import load_training_volumes
+    from cahal_bids.training.zoo_training import ZooTrainingConfig, train_zoo
 
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     _set_threads(args.threads)
@@ -314,7 +314,9 @@ def _run_fit(args: argparse.Namespace) -> int:
         head_coverage_augmentation=args.head_coverage_augmentation,
         init_from=args.init_from,
     )
-    logging.getLogger('cahal_bids.zoo_training').info('device %s, precision %s', device, precision)
+    logging.getLogger('cahal_bids.training.zoo_training').info(
+        'device %s, precision %s', device, precision
+    )
     if init_zoo is not None and warm_start is not None:
         report_error(PROG, '--init-zoo and --warm-start exclude each other')
         return EXIT_USAGE
@@ -350,10 +352,10 @@ def _run_fit(args: argparse.Namespace) -> int:
 def _run_segmenter(args: argparse.Namespace) -> int:
     import logging
 
-    from cahal_bids.errors import CahalError
-    from cahal_bids.inference import resolve_device
-    from cahal_bids.prepared import load_labelled_volumes
-    from cahal_bids.segmenter import save_segmenter, train_segmenter, validation_dice
+    from cahal_bids.core.errors import CahalError
+    from cahal_bids.engine.inference import resolve_device
+    from cahal_bids.engine.segmenter import save_segmenter, train_segmenter, validation_dice
+    from cahal_bids.training.prepared import load_labelled_volumes
 
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     _set_threads(args.threads)
@@ -397,8 +399,8 @@ def _run_segmenter(args: argparse.Namespace) -> int:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from cahal_bids.zoo import Zoo, ZooError
-    from cahal_bids.zoo_merge import merge_zoos
+    from cahal_bids.engine.zoo import Zoo, ZooError
+    from cahal_bids.training.zoo_merge import merge_zoos
 
     try:
         zoos = [Zoo.open(path) for path in args.zoos]

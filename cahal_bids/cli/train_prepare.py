@@ -2,7 +2,7 @@
 
 Wire it into a parser with :func:`add_prepare_arguments` and run it with
 :func:`run_prepare`. Images are prepared one after another into ``--cache-dir``
-(see :mod:`cahal_bids.preparation`); entries already prepared with the same
+(see :mod:`cahal_bids.training.preparation`); entries already prepared with the same
 source and parameters are reused. Exit codes: 0 every image prepared, 1 at least
 one image failed (the others are still prepared; one line on stderr per failure,
 naming the file), 2 usage errors (bad folder, unknown subject, a subject both
@@ -96,8 +96,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         # Read once by ITK at its first use in the process: set before importing ANTs.
         os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(args.threads)
 
-    from cahal_bids.errors import CahalError
-    from cahal_bids.preparation import (
+    from cahal_bids.core.errors import CahalError
+    from cahal_bids.training.preparation import (
         PreparationError,
         PreparedVolume,
         find_images,

@@ -1,0 +1,100 @@
+"""Group level: one row per enhanced image, gathered from the participant derivatives."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from cahal_bids.core.atomic import write_text_atomic
+
+__all__ = ['GROUP_COLUMNS', 'collect_group_rows', 'registration_sidecar', 'write_group_summary']
+
+GROUP_COLUMNS = (
+    'subject',
+    'session',
+    'modality',
+    'file',
+    'voxel_sizes',
+    'V',
+    'A',
+    'cell',
+    'expert',
+    'skipped',
+    'seconds',
+    'registration_correlation',
+    'registration_mattes_mi',
+)
+
+
+def _entity(name: str, key: str) -> str:
+    for part in name.split('_'):
+        if part.startswith(f'{key}-'):
+            return part[len(key) + 1 :]
+    return ''
+
+
+def registration_sidecar(enhanced_sidecar: Path) -> Path | None:
+    """The template transform's sidecar of an enhanced image's sidecar (None if absent)."""
+    name = enhanced_sidecar.name
+    stem, suffix = name[: -len('.json')].rsplit('_desc-cahal_', 1)
+    matches = sorted(
+        path
+        for path in enhanced_sidecar.parent.glob(f'{stem}_from-{suffix}_to-*_xfm.json')
+        if not path.name.endswith('_to-T1w_mode-image_xfm.json')
+    )
+    return matches[0] if matches else None
+
+
+def collect_group_rows(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Rows of ``group_summary.tsv``, sorted by file name."""
+    rows = []
+    for sidecar in sorted(Path(output_dir).glob('sub-*/**/anat/*_desc-cahal_*.json')):
+        if '_space-' in sidecar.name:
+            continue
+        try:
+            content = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            continue
+        details = content.get('CAHAL', {})
+        expert = details.get('expert') or {}
+        registration: dict[str, Any] = {}
+        xfm = registration_sidecar(sidecar)
+        if xfm is not None:
+            try:
+                registration = json.loads(xfm.read_text()).get('Registration', {})
+            except (OSError, ValueError):
+                registration = {}
+        similarity = registration.get('similarity', {})
+        rows.append({
+            'subject': _entity(sidecar.name, 'sub'),
+            'session': _entity(sidecar.name, 'ses') or 'n/a',
+            'modality': sidecar.name[: -len('.json')].rsplit('_', 1)[-1],
+            'file': sidecar.relative_to(output_dir).as_posix()[: -len('.json')] + '.nii.gz',
+            'voxel_sizes': 'x'.join(f'{v:.3g}' for v in details.get('voxel_sizes', [])),
+            'V': f'{details.get("V", float("nan")):.3f}',
+            'A': f'{details.get("A", float("nan")):.3f}',
+            'cell': details.get('cell') or 'n/a',
+            'expert': expert.get('cell') or 'n/a',
+            'skipped': bool(details.get('skipped')),
+            'seconds': details.get('seconds', 'n/a'),
+            'registration_correlation': (
+                f'{similarity["correlation"]:.4f}' if 'correlation' in similarity else 'n/a'
+            ),
+            'registration_mattes_mi': (
+                f'{similarity["mattes_mi"]:.4f}' if 'mattes_mi' in similarity else 'n/a'
+            ),
+        })  # fmt: skip
+    return rows
+
+
+def write_group_summary(output_dir: str | os.PathLike[str], rows: list[dict[str, Any]]) -> Path:
+    """Write ``group_summary.tsv`` (tab-separated, header row, ``n/a`` for missing values)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=GROUP_COLUMNS, delimiter='\t', lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text_atomic(Path(output_dir) / 'group_summary.tsv', buffer.getvalue())

@@ -1,0 +1,216 @@
+"""The whole run (:func:`init_cahal_wf`) and one participant (:func:`init_single_subject_wf`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from nipype.pipeline import engine as pe
+
+from cahal_bids.app.bids import InputImage
+from cahal_bids.app.config import RunConfig
+from cahal_bids.app.workflows.enhance import init_enhance_wf
+from cahal_bids.app.workflows.outputs import init_ds_enhanced_wf, init_ds_registration_wf
+from cahal_bids.app.workflows.registration import init_register_wf
+
+__all__ = ['init_cahal_wf', 'init_single_subject_wf', 'subject_log_dir']
+
+
+def subject_log_dir(output_dir: str | Path, subject: str, run_id: str) -> Path:
+    """Where a participant's crash files and run configuration go (as in fMRIPrep)."""
+    return Path(output_dir) / f'sub-{subject}' / 'log' / run_id
+
+
+def _reference_t1w(flair: InputImage, t1ws: Sequence[InputImage]) -> InputImage | None:
+    """The T1w a FLAIR is aligned to: the first of its session, else the subject's first."""
+    same_session = [t1w for t1w in t1ws if t1w.session == flair.session]
+    candidates = same_session or list(t1ws)
+    return candidates[0] if candidates else None
+
+
+def init_single_subject_wf(
+    *,
+    subject: str,
+    images: Sequence[InputImage],
+    output_dir: str,
+    zoos: Mapping[str, str],
+    zoo_ids: Mapping[str, str],
+    denoise: bool,
+    device: str,
+    precision: str,
+    template: str,
+    template_file: str | None,
+    skip_registration: bool,
+    output_spaces: bool,
+    write_intermediate: bool,
+    sloppy: bool,
+    omp_nthreads: int,
+    seed: int,
+    name: str | None = None,
+) -> pe.Workflow:
+    """Enhance, register and write every image of one participant.
+
+    Each image is an independent branch: a failure in one does not stop the
+    others. When the participant has both T1w and FLAIR images, every FLAIR also
+    gets a rigid transform to a T1w (of the same session when there is one).
+
+    Workflow Graph
+        .. workflow::
+            :graph2use: orig
+            :simple_form: yes
+
+            from pathlib import Path
+            from cahal_bids.app.bids import InputImage
+            from cahal_bids.app.workflows.base import init_single_subject_wf
+            image = InputImage(path=Path('sub-01_T1w.nii.gz'), modality='T1w', subject='01',
+                               entities={'subject': '01'},
+                               relative_path='sub-01/anat/sub-01_T1w.nii.gz')
+            wf = init_single_subject_wf(
+                subject='01', images=[image], output_dir='out', zoos={'T1w': 'zoo'},
+                zoo_ids={'T1w': 'zoo'}, denoise=True, device='cpu', precision='fp32',
+                template='MNI152NLin2009cAsym', template_file='tpl.nii.gz',
+                skip_registration=False, output_spaces=False, write_intermediate=False,
+                sloppy=False, omp_nthreads=1, seed=0)
+    """
+    workflow = pe.Workflow(name=name or f'sub_{subject}_wf')
+    workflow.__desc__ = ''
+    enhanced_nodes: dict[str, pe.Workflow] = {}
+    for image in images:
+        enhance_wf = init_enhance_wf(
+            modality=image.modality,
+            denoise=denoise,
+            device=device,
+            zoo=zoos[image.modality],
+            zoo_id=zoo_ids[image.modality],
+            precision=precision,
+            omp_nthreads=omp_nthreads,
+            seed=seed,
+            name=f'enhance_{image.key}_wf',
+        )
+        enhance_wf.inputs.inputnode.in_file = str(image.path)
+        ds_enhanced_wf = init_ds_enhanced_wf(
+            output_dir=output_dir,
+            entities=image.entities,
+            modality=image.modality,
+            relative_path=image.relative_path,
+            denoised=denoise,
+            write_intermediate=write_intermediate,
+            name=f'ds_enhanced_{image.key}_wf',
+        )
+        workflow.connect([
+            (enhance_wf, ds_enhanced_wf, [
+                ('outputnode.enhanced', 'inputnode.enhanced'),
+                ('outputnode.report', 'inputnode.report'),
+                ('outputnode.figure', 'inputnode.figure'),
+                ('outputnode.denoised', 'inputnode.denoised'),
+            ]),
+        ])  # fmt: skip
+        enhanced_nodes[image.key] = enhance_wf
+        if skip_registration:
+            continue
+        register_wf = init_register_wf(
+            template=template,
+            template_file=template_file,
+            omp_nthreads=omp_nthreads,
+            sloppy=sloppy,
+            resample=output_spaces,
+            seed=seed,
+            name=f'register_{image.key}_wf',
+        )
+        ds_registration_wf = init_ds_registration_wf(
+            output_dir=output_dir,
+            entities=image.entities,
+            modality=image.modality,
+            relative_path=image.relative_path,
+            template=template,
+            resampled=output_spaces,
+            name=f'ds_registration_{image.key}_wf',
+        )
+        workflow.connect([
+            (enhance_wf, register_wf, [('outputnode.enhanced', 'inputnode.moving')]),
+            (register_wf, ds_registration_wf, [
+                ('outputnode.forward', 'inputnode.forward'),
+                ('outputnode.inverse', 'inputnode.inverse'),
+                ('outputnode.report', 'inputnode.report'),
+                ('outputnode.figure', 'inputnode.figure'),
+                ('outputnode.resampled', 'inputnode.resampled'),
+            ]),
+        ])  # fmt: skip
+        if not workflow.__desc__:
+            workflow.__desc__ = enhance_wf.__desc__ + register_wf.__desc__
+    t1ws = [image for image in images if image.modality == 'T1w']
+    for flair in (image for image in images if image.modality == 'FLAIR'):
+        reference = _reference_t1w(flair, t1ws)
+        if reference is None:
+            continue
+        rigid_wf = init_register_wf(
+            template='T1w',
+            omp_nthreads=omp_nthreads,
+            sloppy=sloppy,
+            affine=False,
+            seed=seed,
+            name=f'flair2t1w_{flair.key}_wf',
+        )
+        ds_rigid_wf = init_ds_registration_wf(
+            output_dir=output_dir,
+            entities=flair.entities,
+            modality='FLAIR',
+            relative_path=flair.relative_path,
+            template='T1w',
+            resampled=False,
+            name=f'ds_flair2t1w_{flair.key}_wf',
+        )
+        workflow.connect([
+            (enhanced_nodes[flair.key], rigid_wf, [('outputnode.enhanced', 'inputnode.moving')]),
+            (enhanced_nodes[reference.key], rigid_wf, [
+                ('outputnode.enhanced', 'inputnode.reference'),
+            ]),
+            (rigid_wf, ds_rigid_wf, [
+                ('outputnode.forward', 'inputnode.forward'),
+                ('outputnode.inverse', 'inputnode.inverse'),
+                ('outputnode.report', 'inputnode.report'),
+                ('outputnode.figure', 'inputnode.figure'),
+            ]),
+        ])  # fmt: skip
+    return workflow
+
+
+def init_cahal_wf(
+    config: RunConfig,
+    images: Mapping[str, Sequence[InputImage]],
+    *,
+    zoo_ids: Mapping[str, str],
+    template_file: str | None,
+) -> pe.Workflow:
+    """The whole participant-level run: one sub-workflow per participant.
+
+    This is the only builder that reads the run configuration. Each participant's
+    crash files go to ``<output_dir>/sub-<label>/log/<run_id>/``.
+    """
+    workflow = pe.Workflow(name='cahal_bids_wf', base_dir=config.work_dir)
+    for subject, subject_images in sorted(images.items()):
+        single_subject_wf = init_single_subject_wf(
+            subject=subject,
+            images=subject_images,
+            output_dir=config.output_dir,
+            zoos=config.zoos,
+            zoo_ids=zoo_ids,
+            denoise=config.denoise,
+            device=config.device,
+            precision=config.precision,
+            template=config.template,
+            template_file=template_file,
+            skip_registration=config.skip_registration,
+            output_spaces=config.output_spaces,
+            write_intermediate=config.write_intermediate,
+            sloppy=config.sloppy,
+            omp_nthreads=config.omp_nthreads,
+            seed=config.random_seed,
+        )
+        log_dir = subject_log_dir(config.output_dir, subject, config.run_id)
+        single_subject_wf.config['execution']['crashdump_dir'] = str(log_dir)
+        for node in single_subject_wf._get_all_nodes():
+            node.config = node.config or {}
+            node.config.setdefault('execution', {})['crashdump_dir'] = str(log_dir)
+        workflow.add_nodes([single_subject_wf])
+    return workflow

@@ -1,0 +1,1 @@
+"""The engine: networks, frozen norm statistics, tiled inference, zoos and the enhancer."""

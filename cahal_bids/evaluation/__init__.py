@@ -1,0 +1,1 @@
+"""Evaluation: the validation protocol, metrics, lesions, flat regions, reports, model cards."""

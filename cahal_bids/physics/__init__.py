@@ -1,0 +1,1 @@
+"""Physics of acquisition: the clinical resolution distribution and the degradation model."""

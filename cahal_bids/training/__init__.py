@@ -1,0 +1,1 @@
+"""Training: ground-truth preparation, physics-based pairs, losses, fitting zoos and segmenters."""
