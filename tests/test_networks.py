@@ -11,13 +11,9 @@ import textwrap
 import pytest
 import torch
 
-from cahal_bids.engine.networks import (
-    FreezableInstanceNorm3d,
-    ResidualUNet3D,
-    count_parameters,
-    estimate_norm_statistics,
-    estimate_peak_bytes_per_voxel,
-)
+from cahal_bids.engine.activation_memory import estimate_peak_bytes_per_voxel
+from cahal_bids.engine.networks import FreezableInstanceNorm3d, ResidualUNet3D, count_parameters
+from cahal_bids.engine.norm_statistics import estimate_norm_statistics
 
 
 def _volume(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:

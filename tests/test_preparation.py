@@ -16,12 +16,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cahal_bids.training import preparation
 from cahal_bids.cli.train_prepare import add_prepare_arguments, run_prepare
 from cahal_bids.core.errors import InvalidImageError
 from cahal_bids.core.grid import native_grid
 from cahal_bids.core.normalization import DEFAULT_NORMALIZATION, RobustScale
 from cahal_bids.core.orientation import Reorientation
+from cahal_bids.training import preparation
 from cahal_bids.training.preparation import (
     BrainTemplate,
     PreparationError,

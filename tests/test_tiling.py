@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cahal_bids.engine import tiling
-from cahal_bids.engine.networks import ResidualUNet3D, estimate_norm_statistics
+from cahal_bids.engine.networks import ResidualUNet3D
+from cahal_bids.engine.norm_statistics import estimate_norm_statistics
 from cahal_bids.engine.tiling import (
     FALLBACK_CPU_BYTES,
     InsufficientMemoryError,

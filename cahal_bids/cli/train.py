@@ -354,8 +354,9 @@ def _run_segmenter(args: argparse.Namespace) -> int:
 
     from cahal_bids.core.errors import CahalError
     from cahal_bids.engine.inference import resolve_device
-    from cahal_bids.engine.segmenter import save_segmenter, train_segmenter, validation_dice
+    from cahal_bids.engine.segmenter import save_segmenter
     from cahal_bids.training.prepared import load_labelled_volumes
+    from cahal_bids.training.segmenter import train_segmenter, validation_dice
 
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     _set_threads(args.threads)

@@ -219,10 +219,8 @@ class Enhancer:
         """
         import torch
 
-        from cahal_bids.engine.networks import (
-            estimate_norm_statistics,
-            estimate_peak_bytes_per_voxel,
-        )
+        from cahal_bids.engine.activation_memory import estimate_peak_bytes_per_voxel
+        from cahal_bids.engine.norm_statistics import estimate_norm_statistics
         from cahal_bids.engine.patch_statistics import patch_mean_statistics
         from cahal_bids.engine.tiling import (
             available_memory_bytes,

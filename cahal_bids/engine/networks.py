@@ -31,8 +31,9 @@ output range, tests/test_tiling.py):
    ``levels=3``, 58 for the paper's ``levels=4``); beyond it outputs are exact.
 
 The norm layers here (:class:`FreezableInstanceNorm3d`) can use statistics frozen to the
-whole volume's: :func:`estimate_norm_statistics` measures them (from one whole forward,
-or exactly layer by layer from haloed blocks when the volume does not fit) and
+whole volume's: :func:`~cahal_bids.engine.norm_statistics.estimate_norm_statistics`
+measures them (from one whole forward, or exactly layer by layer from haloed blocks
+when the volume does not fit) and
 :meth:`ResidualUNet3D.frozen_norm_statistics` applies them. With those, tile origins
 aligned to :attr:`ResidualUNet3D.size_multiple` and a discarded margin of
 ``receptive_field_radius`` voxels (:func:`cahal_bids.engine.tiling.sliding_window_inference`'s
@@ -50,24 +51,27 @@ True
 from __future__ import annotations
 
 import copy
-import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cahal_bids.core.validation import check_bool, check_int
+from cahal_bids.engine.padding import pad_to_multiple
+
+if TYPE_CHECKING:
+    from cahal_bids.engine.norm_statistics import NormStatistics, StatisticsRecorder
+
 __all__ = [
     'FreezableInstanceNorm3d',
-    'NormStatistics',
     'ResidualUNet3D',
     'count_parameters',
-    'estimate_norm_statistics',
-    'estimate_peak_bytes_per_voxel',
+    'freeze',
+    'validated_config',
 ]
 
 _DEFAULTS: dict[str, Any] = {
@@ -80,41 +84,6 @@ _DEFAULTS: dict[str, Any] = {
     'residual': True,
     'zero_init_head': True,
 }
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'{name} must be a positive integer, got {value!r}')
-    return value
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f'{name} must be True or False, got {value!r}')
-    return value
-
-
-def _accumulator_dtype(device: torch.device) -> torch.dtype:
-    # float64 keeps sums of millions of voxels exact enough; MPS has no float64.
-    return torch.float32 if device.type == 'mps' else torch.float64
-
-
-def _pad_high(x: Tensor, multiple: int) -> Tensor:
-    """Replicate-pad the three spatial axes of ``x`` at their high end to ``multiple``.
-
-    If that would leave a single voxel at the deepest level (all three axes at most
-    ``multiple``), the last axis is padded to ``2 * multiple``: instance norm cannot
-    normalise one voxel.
-    """
-    target = [-(-size // multiple) * multiple for size in x.shape[2:]]
-    if all(t == multiple for t in target):
-        target[-1] = 2 * multiple
-    pads: list[int] = []
-    for size, t in zip(reversed(x.shape[2:]), reversed(target), strict=True):
-        pads += [0, t - size]  # F.pad lists the last axis first
-    if not any(pads):
-        return x
-    return F.pad(x, pads, mode='replicate')
 
 
 class FreezableInstanceNorm3d(nn.InstanceNorm3d):
@@ -137,9 +106,9 @@ class FreezableInstanceNorm3d(nn.InstanceNorm3d):
 
     def __init__(self, num_features: int, *, stride: int = 1) -> None:
         super().__init__(num_features, affine=True)
-        self.stride = _check_positive_int('stride', stride)
+        self.stride = check_int('stride', stride, 1)
         self._frozen: tuple[Tensor, Tensor] | None = None
-        self._recorder: _StatisticsRecorder | None = None
+        self._recorder: StatisticsRecorder | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self._recorder is not None:
@@ -160,79 +129,7 @@ class FreezableInstanceNorm3d(nn.InstanceNorm3d):
         ).to(x.dtype)
 
 
-class _StopForward(Exception):
-    """Raised by a recorder to end a forward pass once its layer is recorded."""
-
-
-class _StatisticsRecorder:
-    """Sums each norm layer's input, per channel, over the region a block owns.
-
-    ``region`` is given in voxels of the network's input (``(start, stop)`` per axis,
-    multiples of the layer's stride); a layer with stride ``s`` sums ``[start // s,
-    stop // s)`` of its feature map. With a ``target`` only that layer is recorded, and
-    ``stop`` ends the forward pass right after it.
-    """
-
-    def __init__(self, target: FreezableInstanceNorm3d | None = None, stop: bool = False) -> None:
-        self.region: tuple[tuple[int, int], ...] | None = None
-        self.target = target
-        self.stop = stop
-        self._sums: dict[FreezableInstanceNorm3d, tuple[Tensor, Tensor, int]] = {}
-
-    def record(self, norm: FreezableInstanceNorm3d, x: Tensor) -> None:
-        if self.target is not None and norm is not self.target:
-            return
-        if self.region is None:
-            raise RuntimeError('statistics recorder used without a region')
-        s = norm.stride
-        index = (slice(None), slice(None), *(slice(a // s, b // s) for a, b in self.region))
-        part = x[index].to(_accumulator_dtype(x.device))
-        dims = (0, 2, 3, 4)
-        if norm in self._sums:
-            total, squares, count = self._sums[norm]
-        else:
-            total = squares = torch.zeros((), dtype=part.dtype, device=part.device)
-            count = 0
-        self._sums[norm] = (
-            total + part.sum(dims),
-            squares + part.square().sum(dims),
-            count + part.numel() // part.shape[1],
-        )
-        if self.stop:
-            raise _StopForward
-
-    def pair(self, norm: FreezableInstanceNorm3d) -> tuple[Tensor, Tensor]:
-        total, squares, count = self._sums[norm]
-        mean = total / count
-        var = (squares / count - mean.square()).clamp_min(0.0)
-        return mean.float().cpu(), var.float().cpu()
-
-
-@dataclass(frozen=True)
-class NormStatistics:
-    """Per-channel ``(mean, biased variance)`` of every norm layer's input, in order.
-
-    Tensors are float32 on the CPU; they are moved to the data's device when used.
-    """
-
-    layers: tuple[tuple[Tensor, Tensor], ...]
-
-    def max_relative_difference(self, other: NormStatistics) -> float:
-        """Largest difference between two sets, relative to each layer's standard deviation."""
-        if len(self.layers) != len(other.layers):
-            raise ValueError('statistics of different networks cannot be compared')
-        worst = 0.0
-        for (m1, v1), (m2, v2) in zip(self.layers, other.layers, strict=True):
-            scale = v1.sqrt().clamp_min(1e-12)
-            worst = max(
-                worst,
-                float(((m1 - m2).abs() / scale).max()),
-                float(((v1.sqrt() - v2.sqrt()).abs() / scale).max()),
-            )
-        return worst
-
-
-def _validated_config(config: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
+def validated_config(config: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
     """Complete ``config`` (and keyword overrides) with defaults and validate every value."""
     given = {**(config or {}), **kwargs}
     unknown = sorted(set(given) - set(_DEFAULTS))
@@ -240,8 +137,8 @@ def _validated_config(config: Mapping[str, Any] | None = None, **kwargs: Any) ->
         raise ValueError(f'unknown ResidualUNet3D config keys: {", ".join(unknown)}')
     cfg = {**_DEFAULTS, **given}
     for name in ('in_channels', 'out_channels', 'levels', 'initial_filters'):
-        _check_positive_int(name, cfg[name])
-    _check_positive_int('convolutions_per_level', cfg['convolutions_per_level'])
+        check_int(name, cfg[name], 1)
+    check_int('convolutions_per_level', cfg['convolutions_per_level'], 1)
     slope = cfg['negative_slope']
     if (
         isinstance(slope, bool)
@@ -251,8 +148,8 @@ def _validated_config(config: Mapping[str, Any] | None = None, **kwargs: Any) ->
     ):
         raise ValueError(f'negative_slope must be a number in [0, 1), got {slope!r}')
     cfg['negative_slope'] = float(slope)
-    _check_bool('residual', cfg['residual'])
-    _check_bool('zero_init_head', cfg['zero_init_head'])
+    check_bool('residual', cfg['residual'])
+    check_bool('zero_init_head', cfg['zero_init_head'])
     if cfg['residual'] and cfg['in_channels'] != cfg['out_channels']:
         raise ValueError(
             f'residual=True needs in_channels == out_channels, got in_channels='
@@ -321,7 +218,7 @@ class ResidualUNet3D(nn.Module):
         zero_init_head: bool = True,
     ) -> None:
         super().__init__()
-        cfg = _validated_config(
+        cfg = validated_config(
             in_channels=in_channels,
             out_channels=out_channels,
             levels=levels,
@@ -384,10 +281,14 @@ class ResidualUNet3D(nn.Module):
         """Build from a :meth:`config` dict; missing keys take defaults, unknown keys fail."""
         if not isinstance(config, Mapping):
             raise ValueError(f'config must be a mapping, got {type(config).__name__}')
-        return cls(**_validated_config(config))
+        return cls(**validated_config(config))
 
     def norm_layers(self) -> list[FreezableInstanceNorm3d]:
-        """The norm layers in execution order (the order of :class:`NormStatistics`)."""
+        """The norm layers in execution order.
+
+        That is the order of
+        :class:`~cahal_bids.engine.norm_statistics.NormStatistics`.
+        """
         encoders = [m for block in self.encoders for m in block.children()]
         decoders = [m for block in reversed(self.decoders) for m in block.children()]
         return [m for m in encoders + decoders if isinstance(m, FreezableInstanceNorm3d)]
@@ -490,7 +391,7 @@ class ResidualUNet3D(nn.Module):
                 f'expected input of shape (B, {self.in_channels}, X, Y, Z), got {tuple(x.shape)}'
             )
         size = x.shape[2:]
-        h = _pad_high(x, self.size_multiple)
+        h = pad_to_multiple(x, self.size_multiple, avoid_single_voxel=True)
         skips: list[Tensor] = []
         for encoder in self.encoders[:-1]:
             h = encoder(h)
@@ -505,193 +406,13 @@ class ResidualUNet3D(nn.Module):
         return x + out if self.residual else out
 
 
+def freeze(module: nn.Module) -> nn.Module:
+    """Put ``module`` in eval mode with every parameter's ``requires_grad`` off; returns it."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
 def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of scalar parameters of ``module`` (only those requiring grad if asked)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def estimate_peak_bytes_per_voxel(
-    config: Mapping[str, Any] | ResidualUNet3D, dtype: torch.dtype = torch.float32
-) -> float:
-    """Estimated peak activation memory of one inference forward, per input voxel.
-
-    Walks the forward pass of :class:`ResidualUNet3D` (``torch.no_grad()``, batch 1,
-    spatial sizes multiples of ``2 ** (levels - 1)``) and, at every convolution and norm,
-    adds the tensors alive at that moment: the input, the skips kept for the decoder, the
-    block input, the layer's input and output, plus a copy of the convolution's input and
-    output (CPU oneDNN and cuDNN reorder or use workspaces of that order). The largest sum,
-    in channels per input voxel, times the element size and a safety factor of 1.25, is the
-    estimate. Weights, the framework's fixed footprint (on CPU a further 60-100 MB of
-    oneDNN scratch for small inputs) and tiling accumulators are excluded. For a batch of
-    ``b`` tiles multiply by ``b``. On CPU it lies 1.3-1.6x above the measured peak RSS
-    growth (tests/test_networks.py); on GPU it is unmeasured (cuDNN workspaces vary).
-    """
-    cfg = _validated_config(config.config() if isinstance(config, ResidualUNet3D) else config)
-    c_in, c_out = cfg['in_channels'], cfg['out_channels']
-    levels, n = cfg['levels'], cfg['convolutions_per_level']
-    widths = [cfg['initial_filters'] * 2**level for level in range(levels)]
-    scale = [8.0**-level for level in range(levels)]
-    peak = 0.0
-
-    def block(held: float, c0: float, c1: float, s: float) -> float:
-        # held: tensors alive outside the block; its input (c0 channels) stays referenced
-        # by the caller; the input of unit i > 0 is the previous unit's output (c1).
-        worst = 0.0
-        for i in range(n):
-            inputs = c0 if i == 0 else c0 + c1
-            conv_in = c0 if i == 0 else c1
-            conv = held + (inputs + conv_in + 2 * c1) * s  # input and output, both copied
-            norm = held + (inputs + 2 * c1) * s  # conv output and norm output
-            worst = max(worst, conv, norm)
-        return worst
-
-    skips = 0.0
-    held = float(c_in)  # the caller's input stays alive (it is added back at the end)
-    for level in range(levels):
-        c0 = c_in if level == 0 else widths[level - 1]
-        peak = max(peak, block(held + skips, c0, widths[level], scale[level]))
-        if level < levels - 1:
-            skips += widths[level] * scale[level]
-            pool = held + skips + widths[level] * scale[level + 1]
-            peak = max(peak, pool)
-    for level in reversed(range(levels - 1)):
-        skips -= widths[level] * scale[level]
-        deeper = widths[level + 1] * scale[level + 1]
-        concat = held + skips + deeper + 4 * widths[level] * scale[level]
-        peak = max(
-            peak, concat, block(held + skips, 2 * widths[level], widths[level], scale[level])
-        )
-    head = held + widths[0] + 2 * c_out
-    peak = max(peak, head)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 1.25 * peak * itemsize
-
-
-def _block_grid(
-    shape: Sequence[int], block: Sequence[int], halo: int
-) -> Iterator[tuple[tuple[slice, ...], tuple[tuple[int, int], ...]]]:
-    """Cores tiling ``shape`` without overlap, each with ``halo`` voxels of context.
-
-    Yields the slice of each block (core plus halo, clipped to the volume) and the core's
-    region relative to the block.
-    """
-    axes = []
-    for size, b in zip(shape, block, strict=True):
-        core = size if b >= size else b - 2 * halo
-        spans = []
-        for start in range(0, size, core):
-            stop = min(start + core, size)
-            low, high = max(0, start - halo), min(size, stop + halo)
-            spans.append((slice(low, high), (start - low, stop - low)))
-        axes.append(spans)
-    for parts in itertools.product(*axes):
-        yield tuple(p[0] for p in parts), tuple(p[1] for p in parts)
-
-
-def estimate_norm_statistics(
-    model: ResidualUNet3D,
-    volume: Tensor,
-    *,
-    block_size: int | Sequence[int] | None = None,
-    halo: int | None = None,
-) -> NormStatistics:
-    """Whole-volume input statistics of every norm layer, for tile-consistent inference.
-
-    The volume is replicate-padded at its high end to a multiple of
-    ``model.size_multiple``, as the network pads it when run whole.
-
-    * ``block_size=None``, or a block covering the padded volume: one whole forward; the
-      statistics are exactly those instance norm computes on the whole volume.
-    * Otherwise, for volumes too large to run whole, layer by layer: the padded volume is
-      cut into non-overlapping cores, each run with ``halo`` voxels of context per side
-      (clipped at the volume's edges, so a forward sees at most ``block_size`` voxels
-      per axis); layer ``k`` sums its input over the cores, with layers ``< k`` frozen to
-      the statistics already measured, and the pass stops right after layer ``k``. With
-      the default halo, the receptive-field radius of layer ``k``
-      (:meth:`ResidualUNet3D.norm_receptive_radii`, rounded up to ``size_multiple``), the
-      result equals the whole-volume statistics to float rounding; a smaller ``halo``
-      (fixed for all layers) is faster and approximate. It costs one partial forward of
-      the whole volume per norm layer (``4 * levels - 2`` with two convolutions per
-      level), plus the halos.
-
-    ``volume`` has shape ``(1, in_channels, X, Y, Z)`` and lives on the model's device;
-    ``block_size`` and ``halo`` must be multiples of ``model.size_multiple``. The model is
-    run under ``torch.no_grad()``.
-
-    Raises
-    ------
-    ValueError
-        For a bad shape, or a ``block_size`` too small to hold twice the halo.
-    """
-    if volume.ndim != 5 or volume.shape[0] != 1 or volume.shape[1] != model.in_channels:
-        raise ValueError(
-            f'volume must have shape (1, {model.in_channels}, X, Y, Z), got {tuple(volume.shape)}'
-        )
-    m = model.size_multiple
-    padded = _pad_high(volume, m)
-    shape = tuple(padded.shape[2:])
-    if block_size is None:
-        blocks = shape
-    elif isinstance(block_size, int):
-        blocks = (block_size,) * 3
-    else:
-        blocks = tuple(block_size)
-    if len(blocks) != 3 or any(
-        isinstance(b, bool) or not isinstance(b, int) or b < m or b % m for b in blocks
-    ):
-        raise ValueError(f'block_size must hold positive multiples of {m}, got {block_size!r}')
-    blocks = tuple(min(b, s) for b, s in zip(blocks, shape, strict=True))
-    if halo is not None and (
-        isinstance(halo, bool) or not isinstance(halo, int) or halo < 0 or halo % m
-    ):
-        raise ValueError(f'halo must be a non-negative multiple of {m}, got {halo!r}')
-    norms = model.norm_layers()
-
-    if blocks == shape:
-        recorder = _StatisticsRecorder()
-        recorder.region = tuple((0, s) for s in shape)
-        _set_recorder(norms, recorder)
-        try:
-            with torch.no_grad():
-                model(padded)
-        finally:
-            _set_recorder(norms, None)
-        return NormStatistics(tuple(recorder.pair(norm) for norm in norms))
-
-    halos = [_round_up(r, m) if halo is None else halo for r in model.norm_receptive_radii()]
-    if any(b < s and b - 2 * max(halos) < m for b, s in zip(blocks, shape, strict=True)):
-        raise ValueError(
-            f'block_size {blocks} leaves no core inside a halo of {max(halos)} voxels; '
-            'use larger blocks or a smaller halo'
-        )
-    pairs: list[tuple[Tensor, Tensor]] = []
-    previous = [norm._frozen for norm in norms]
-    try:
-        for norm, layer_halo in zip(norms, halos, strict=True):
-            recorder = _StatisticsRecorder(target=norm, stop=True)
-            _set_recorder(norms, recorder)
-            with torch.no_grad():
-                for block, region in _block_grid(shape, blocks, layer_halo):
-                    recorder.region = region
-                    try:
-                        model(padded[(slice(None), slice(None)) + block])
-                    except _StopForward:
-                        pass
-            pairs.append(recorder.pair(norm))
-            norm._frozen = pairs[-1]
-    finally:
-        _set_recorder(norms, None)
-        for norm, old in zip(norms, previous, strict=True):
-            norm._frozen = old
-    return NormStatistics(tuple(pairs))
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def _set_recorder(
-    norms: Sequence[FreezableInstanceNorm3d], recorder: _StatisticsRecorder | None
-) -> None:
-    for norm in norms:
-        norm._recorder = recorder

@@ -31,7 +31,8 @@ import numpy as np
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from cahal_bids.engine.networks import NormStatistics, ResidualUNet3D
+    from cahal_bids.engine.networks import ResidualUNet3D
+    from cahal_bids.engine.norm_statistics import NormStatistics
 
 __all__ = [
     'METHODS',
@@ -132,7 +133,7 @@ def patch_mean_statistics(
     """
     import torch
 
-    from cahal_bids.engine.networks import NormStatistics
+    from cahal_bids.engine.norm_statistics import NormStatistics
 
     if volume.ndim != 5 or volume.shape[0] != 1:
         raise ValueError(f'volume must have shape (1, C, X, Y, Z), got {tuple(volume.shape)}')

@@ -36,11 +36,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cahal_bids.core.errors import CahalError
 from cahal_bids.core.memory import available_system_memory_bytes
+from cahal_bids.engine.padding import pad_to_multiple
 
 __all__ = [
     'FALLBACK_CPU_BYTES',
@@ -183,7 +183,7 @@ def sliding_window_inference(
         _check_output(out, volume, size)
         return out.to(volume.device)
 
-    padded = _pad_high(volume, alignment)
+    padded = pad_to_multiple(volume, alignment)
     shape = tuple(padded.shape[2:])
     tile = tuple(min(t, s) for t, s in zip(tile, shape, strict=True))  # type: ignore[assignment]
     axes_origins = []
@@ -240,13 +240,6 @@ def sliding_window_inference(
     return result[:, :, : size[0], : size[1], : size[2]]
 
 
-def _pad_high(x: Tensor, multiple: int) -> Tensor:
-    pads: list[int] = []
-    for size in reversed(x.shape[2:]):
-        pads += [0, -size % multiple]
-    return F.pad(x, pads, mode='replicate') if any(pads) else x
-
-
 def _check_output(out: object, given: Tensor, spatial: Sequence[int]) -> None:
     if not isinstance(out, Tensor):
         raise TypeError(f'predictor must return a Tensor, got {type(out).__name__}')
@@ -272,8 +265,8 @@ def choose_tile_size(
     to ``min_size`` (rounded up); each axis is capped at its own length rounded up to
     ``multiple``. The first candidate with ``voxels * bytes_per_voxel <= max_fraction *
     available_bytes`` wins. ``bytes_per_voxel`` is per tile voxel and per batch item
-    (e.g. :func:`cahal_bids.engine.networks.estimate_peak_bytes_per_voxel`); leave the memory
-    held by the volume, the output and the blending accumulators out of
+    (e.g. :func:`cahal_bids.engine.activation_memory.estimate_peak_bytes_per_voxel`);
+    leave the memory held by the volume, the output and the blending accumulators out of
     ``available_bytes``.
 
     Raises

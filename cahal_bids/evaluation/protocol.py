@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from cahal_bids.core.metrics import dice_per_class
 from cahal_bids.core.routing import CELLS, VOLUME_BINS, route
 from cahal_bids.physics.acquisition import sample_in_cell
 
@@ -236,18 +237,17 @@ def tissue_measures(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """(Dice, signed relative volume error) of each tissue class (label >= 1) in ``mask``."""
     truth_in, estimate_in = truth_labels[mask], estimate_labels[mask]
+    overlap = dice_per_class(estimate_in, truth_in, len(class_names))
     dice: dict[str, float] = {}
     volume_error: dict[str, float] = {}
     for label, name in enumerate(class_names):
-        if label == 0:
+        truth_count = int(np.count_nonzero(truth_in == label))
+        if label == 0 or truth_count == 0:
             continue
-        in_truth, in_estimate = truth_in == label, estimate_in == label
-        truth_count, estimate_count = int(in_truth.sum()), int(in_estimate.sum())
-        if truth_count == 0:
-            continue
-        overlap = int(np.logical_and(in_truth, in_estimate).sum())
-        dice[name] = 2.0 * overlap / (truth_count + estimate_count)
-        volume_error[name] = (estimate_count - truth_count) / truth_count
+        dice[name] = overlap[label]
+        volume_error[name] = (
+            int(np.count_nonzero(estimate_in == label)) - truth_count
+        ) / truth_count
     return dice, volume_error
 
 

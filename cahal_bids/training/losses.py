@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cahal_bids.engine.networks import freeze
+
 __all__ = [
     'CahalLoss',
     'EdgeWeightedL1',
@@ -56,7 +58,6 @@ __all__ = [
     'SoftDiceLoss',
     'edge_weight_map',
     'fourier_l1',
-    'freeze',
     'laplacian_3d',
     'laplacian_kernel_3d',
     'semantic_loss',
@@ -108,13 +109,6 @@ def _working_dtype(x: Tensor) -> torch.dtype:
 
 def _no_autocast(x: Tensor) -> torch.autocast:
     return torch.autocast(device_type=x.device.type, enabled=False)
-
-
-def freeze(module: nn.Module) -> nn.Module:
-    """Put ``module`` in eval mode with every parameter's ``requires_grad`` off; returns it."""
-    module.eval()
-    module.requires_grad_(False)
-    return module
 
 
 # --------------------------------------------------------------------------------------
@@ -393,8 +387,8 @@ class SemanticLoss(nn.Module):
     ----------
     segmenter:
         Maps ``(B, C, X, Y, Z)`` images to ``(B, K, X, Y, Z)`` class scores. It is
-        frozen in place (:func:`freeze`) and stays in eval mode even when this module
-        (or a parent) is switched to training mode.
+        frozen in place (:func:`~cahal_bids.engine.networks.freeze`) and stays in eval
+        mode even when this module (or a parent) is switched to training mode.
     segmenter_outputs:
         ``'logits'`` (a softmax over classes is applied here, as for
         :class:`cahal_bids.engine.segmenter.TissueSegmenter` called without
