@@ -1,7 +1,7 @@
 """Denoise an input image before enhancement (ANTs adaptive non-local means, Rician).
 
 The filter that prepares the training ground truth
-(:func:`~cahal_bids.training.preparation.nlm_denoise`),
+(:func:`~cahal_bids.preprocessing.denoising.nlm_denoise`),
 applied on the image's own grid, inside a head mask estimated from intensities, so
 the experts see inputs whose noise resembles what they were trained on.
 """
@@ -22,7 +22,8 @@ def denoise_file(
     in_file: str | os.PathLike[str], out_file: str | os.PathLike[str], *, seed: int = 0
 ) -> Path:
     """Write the denoised copy of ``in_file`` (same grid, float32) to ``out_file``."""
-    from cahal_bids.training.preparation import estimate_head_mask, nlm_denoise
+    from cahal_bids.preprocessing.denoising import nlm_denoise
+    from cahal_bids.preprocessing.masks import estimate_head_mask
 
     image = load_image(in_file)
     data = np.asarray(image.data, dtype=np.float32)

@@ -21,9 +21,9 @@ from cahal_bids.cli.common import (
     positive_int,
     report_error,
 )
+from cahal_bids.engine.zoo import ROUTED_MODALITIES
 
 PROG = 'cahal-enhance'
-MODALITIES = ('T1w', 'FLAIR')
 
 
 def default_threads() -> int:
@@ -52,7 +52,7 @@ def build_parser():
     )
     parser.add_argument(
         '--modality',
-        choices=MODALITIES,
+        choices=ROUTED_MODALITIES,
         default='T1w',
         help='contrast of the input; selects the shipped zoo (default: %(default)s)',
     )

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from cahal_bids.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, positive_int, report_error
+from cahal_bids.core.modalities import MODALITIES
 
 PROG = 'cahal-train prepare'
-MODALITIES = ('T1w', 'FLAIR', 'T2w')
 VALIDATION_SUBJECTS = ('stroke01',)
 """Excluded unless ``--exclude-participant`` says otherwise: never train on them."""
 

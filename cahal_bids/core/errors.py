@@ -29,3 +29,7 @@ class RoutingError(CahalError, ValueError):
 
 class NotImplementedYetError(CahalError):
     """A command that this version does not provide yet (exit code 2)."""
+
+
+class PreprocessingError(CahalError):
+    """A preprocessing step (masks, denoising, bias correction, labels) failed on an image."""

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from cahal_bids.core.atomic import write_bytes_atomic
 from cahal_bids.core.axis_order import validated_axis_order
 from cahal_bids.core.errors import CahalError
+from cahal_bids.core.hashing import file_sha256
 from cahal_bids.core.routing import ANISOTROPY_BINS, CELLS, VOLUME_BINS
 from cahal_bids.engine.patch_statistics import validated_norm_statistics
 
@@ -53,20 +54,13 @@ __all__ = [
 MANIFEST_NAME = 'manifest.json'
 ZOO_FORMAT_VERSION = 1
 SHIPPED_ZOOS = {'T1w': 't1w', 'FLAIR': 'flair'}
+ROUTED_MODALITIES: tuple[str, ...] = tuple(SHIPPED_ZOOS)
+"""The contrasts (BIDS suffixes) that a shipped zoo restores."""
 """Modality -> folder under ``cahal_bids/zoos`` holding the zoo shipped with the package."""
 
 
 class ZooError(CahalError):
     """A zoo is missing, malformed, or its weights do not match their checksums."""
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as stream:
-        for block in iter(lambda: stream.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def grid_definition() -> dict[str, Any]:
