@@ -1,0 +1,5 @@
+"""Deprecated: moved to :mod:`cahal_bids.app.workflows.outputs`."""
+
+from cahal_bids._deprecated import reexport
+
+reexport(__name__, 'cahal_bids.app.workflows.outputs', globals())
