@@ -93,6 +93,27 @@ def test_outputs_are_identical_across_runs_and_process_counts(assets, reference_
         assert again[key] == value, key
 
 
+RECORDED_DERIVATIVES = Path(__file__).parent / 'data' / 'derivatives-before-layout.json'
+"""sha256 of every image and transform of the reference run, recorded with commit 6f5e12c,
+the last one before the package moved into layers (issue 17). Sidecars are left out:
+they hold absolute temporary paths and the software version."""
+
+
+@pytest.mark.slow
+def test_derivatives_match_the_recording_made_before_the_package_moved(reference_run):
+    import hashlib
+
+    recorded = json.loads(RECORDED_DERIVATIVES.read_text())
+    now = {
+        key: hashlib.sha256(value).hexdigest()
+        for key, value in reference_run.items()
+        if not key.endswith('.json')
+    }
+    assert sorted(now) == sorted(recorded)
+    differing = sorted(key for key in recorded if now[key] != recorded[key])
+    assert differing == [], f'derivatives differ from the recording: {differing}'
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('delay', [1.5, 4.0])
 def test_interrupted_run_resumes_to_the_same_derivatives(assets, reference_run, tmp_path, delay):

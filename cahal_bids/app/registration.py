@@ -19,6 +19,8 @@ import numpy as np
 
 from cahal_bids.core.ants_bridge import ants_image, ants_seed
 from cahal_bids.core.errors import CahalError
+from cahal_bids.core.templates import TemplateNotFoundError
+from cahal_bids.core.templates import template_file as templateflow_file
 
 __all__ = [
     'RegistrationError',
@@ -69,22 +71,14 @@ def resolve_template(
         if not path.is_file() or path.stat().st_size == 0:
             raise RegistrationError(f'{path}: template file not found or empty')
         return path.resolve()
-    home = Path(
-        os.environ.get('TEMPLATEFLOW_HOME', Path.home() / '.cache' / 'templateflow')
-    ).expanduser()
-    folder = home / f'tpl-{template}'
-    candidates = sorted(folder.glob(f'tpl-{template}_res-01_T1w.nii*')) + sorted(
-        folder.glob(f'tpl-{template}_T1w.nii*')
-    )
-    for candidate in candidates:
-        if candidate.is_file() and candidate.stat().st_size > 0:
-            return candidate.resolve()
-    raise RegistrationError(
-        f'template {template}: no 1 mm T1w image in {folder} (TEMPLATEFLOW_HOME={home}); '
-        'cahal-bids never downloads at run time: pre-fetch it into TEMPLATEFLOW_HOME '
-        '(the container does at build time), or pass --template-file PATH with '
-        '--template-name LABEL'
-    )
+    try:
+        return templateflow_file(template, suffix='T1w', resolution=1)
+    except TemplateNotFoundError as error:
+        raise RegistrationError(
+            f'template {template}: no 1 mm T1w image ({error}); cahal-bids never downloads '
+            'at run time: pre-fetch it into TEMPLATEFLOW_HOME (the container does at build '
+            'time), or pass --template-file PATH with --template-name LABEL'
+        ) from None
 
 
 def _read_ants(path: str | os.PathLike[str]) -> Any:

@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from cahal_bids.core.ants_bridge import ants_image, ants_seed
 from cahal_bids.core.errors import PreprocessingError
+from cahal_bids.core.templates import TemplateNotFoundError, template_file
 from cahal_bids.preprocessing.masks import (
     bounding_box,
     close,
@@ -57,7 +58,8 @@ class BrainTemplate:
 def default_brain_template() -> BrainTemplate:
     """TemplateFlow's MNI152NLin2009cAsym 1 mm T1w head with nilearn's MNI152NLin2009aSym mask.
 
-    The head comes from TemplateFlow (``TEMPLATEFLOW_HOME``, read by TemplateFlow);
+    The head comes from TemplateFlow (``TEMPLATEFLOW_HOME``, read offline by
+    :func:`~cahal_bids.core.templates.template_file`);
     the brain mask is ``nilearn.datasets.load_mni152_brain_mask(resolution=1)``,
     the thresholded brain-extracted ICBM 2009a symmetric template that nilearn
     ships. Both templates live in the same MNI world space and differ by a millimetre
@@ -65,21 +67,13 @@ def default_brain_template() -> BrainTemplate:
     :func:`template_brain_mask` absorbs.
     """
     try:
-        from templateflow import api as templateflow
-    except ImportError as exc:  # pragma: no cover - templateflow is a dependency
-        raise PreprocessingError(f'templateflow is needed for full-head images ({exc})') from None
-    try:
-        head = Path(
-            str(templateflow.get('MNI152NLin2009cAsym', resolution=1, desc=None, suffix='T1w'))
-        )
-    except Exception as exc:  # noqa: BLE001 - templateflow raises network and lookup errors
+        head = template_file('MNI152NLin2009cAsym', suffix='T1w', resolution=1)
+    except TemplateNotFoundError as exc:
         raise PreprocessingError(
-            'cannot get the MNI152NLin2009cAsym 1 mm T1w template from TemplateFlow '
-            f'({type(exc).__name__}: {exc}); point TEMPLATEFLOW_HOME at a folder holding '
+            f'cannot get the MNI152NLin2009cAsym 1 mm T1w template ({exc}); point '
+            'TEMPLATEFLOW_HOME at a folder holding '
             'tpl-MNI152NLin2009cAsym/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz'
         ) from None
-    if not head.is_file() or head.stat().st_size == 0:
-        raise PreprocessingError(f'{head}: TemplateFlow template file is missing or empty')
     try:
         from nilearn.datasets import load_mni152_brain_mask
     except ImportError as exc:
