@@ -40,6 +40,7 @@ import numpy as np
 from cahal_bids.core.metrics import dice_per_class
 from cahal_bids.core.routing import CELLS, VOLUME_BINS, route
 from cahal_bids.physics.acquisition import sample_in_cell
+from cahal_bids.physics.consistency import acquisition_rmse
 
 if TYPE_CHECKING:
     from cahal_bids.engine.inference import Enhancer
@@ -177,19 +178,7 @@ def data_consistency(
     data_range: float,
 ) -> float:
     """RMSE between the estimate acquired again and the acquired image (data-range units)."""
-    import torch
-
-    from cahal_bids.physics.degradation import degrade
-
-    _, again = degrade(
-        torch.from_numpy(np.ascontiguousarray(estimate)), resolution, return_low_resolution=True
-    )
-    _, coverage = degrade(
-        torch.from_numpy(mask.astype(np.float32)), resolution, return_low_resolution=True
-    )
-    inside = coverage.numpy() >= 0.5
-    difference = again.numpy()[inside].astype(np.float64) - low[inside]
-    return float(np.sqrt(np.mean(difference**2)) / data_range)
+    return acquisition_rmse(estimate, low, resolution, data_range=data_range, mask=mask)
 
 
 @dataclass(frozen=True)
