@@ -23,9 +23,12 @@ from cahal_bids.app.bids import (
     read_layout,
     strip_subject_prefix,
 )
+from cahal_bids.app.boilerplate import citation_markdown, methods_text
 from cahal_bids.app.config import RunConfig
-from cahal_bids.app.workflows.base import init_single_subject_wf
+from cahal_bids.app.reports import write_subject_report
+from cahal_bids.app.workflows.base import init_cahal_wf, init_single_subject_wf
 from cahal_bids.cli import run
+from cahal_bids.cli.parser import build_parser, memory_gb
 from cahal_bids.core.grid import native_grid
 
 IMAGES = [
@@ -93,16 +96,16 @@ def full_run(assets):
 
 
 def test_memory_sizes():
-    assert run.memory_gb('8000') == 8.0
-    assert run.memory_gb('8G') == 8.0
-    assert run.memory_gb('2.5gb') == 2.5
+    assert memory_gb('8000') == 8.0
+    assert memory_gb('8G') == 8.0
+    assert memory_gb('2.5gb') == 2.5
     for bad in ('', 'lots', '-1', '0', '8Q'):
         with pytest.raises(argparse.ArgumentTypeError):
-            run.memory_gb(bad)
+            memory_gb(bad)
 
 
 def test_parser_accepts_dashed_and_underscored_spellings():
-    parser = run.build_parser()
+    parser = build_parser()
     dashed = parser.parse_args(
         ['d', 'o', 'participant', '--participant-label', 'sub-01', '02', '--omp-nthreads', '3',
          '--mem', '6G', '--bids-filter-file', 'f.json', '--no-denoise', '--notrack', '-vv'],
@@ -252,6 +255,61 @@ def test_single_subject_graph_follows_the_options(
     }
     assert sinks == writers  # only the sinks write derivatives
     workflow._create_flat_graph()  # every connection resolves
+    # the methods text is what the sub-workflows say they do, with these options
+    text = methods_text(workflow)
+    assert 'restored to 1 mm isotropic' in text
+    assert ('denoised with the adaptive non-local means' in text) == denoise
+    assert ('to MNI152NLin2009cAsym space' in text) == (not skip_registration)
+    assert ('additionally resampled' in text) == (output_spaces and not skip_registration)
+    assert ('restored FLAIR image to T1w space' in text) == with_flair
+
+
+def _run_config(**options) -> RunConfig:
+    return RunConfig(
+        bids_dir='/data', output_dir='/out', analysis_level='participant', work_dir='/work',
+        zoos={'T1w': '/zoo-t1w', 'FLAIR': '/zoo-flair'}, **options,
+    )  # fmt: skip
+
+
+def test_methods_text_is_read_from_the_workflow_factories():
+    def text(images, **options):
+        workflow = init_cahal_wf(
+            _run_config(**options), images, zoo_ids={'T1w': 'a', 'FLAIR': 'b'},
+            template_file='/tpl.nii.gz',
+        )  # fmt: skip
+        return workflow, methods_text(workflow)
+
+    both = {'01': _images(True), '02': [_images(False)[0]]}
+    workflow, default = text(both)
+    assert default.startswith('Results included in this manuscript')
+    assert 'Each T1w and FLAIR image' in default
+    assert default.rstrip().endswith('- Yarkoni et al., PyBIDS, JOSS 2019.')
+    # two participants with different images: each paragraph still appears once
+    paragraphs = default.split('\n\n')
+    assert len(paragraphs) == len(set(paragraphs))
+    assert default.count('restored to 1 mm isotropic') == 1
+    # changing an option changes the text
+    assert 'denoised' in default and 'denoised' not in text(both, denoise=False)[1]
+    assert 'MNI152NLin2009cAsym space' not in text(both, skip_registration=True)[1]
+    assert 'additionally resampled' in text(both, output_spaces=True)[1]
+    assert 'to Phantom space' in text(both, template='Phantom')[1]
+    assert 'Each T1w image' in text({'01': _images(False)}, modalities=['T1w'])[1]
+    assert 'FLAIR image to T1w space' not in text({'01': _images(False)})[1]
+    # and it is the factories' own __desc__, nothing rebuilt beside them
+    enhance_wf = workflow.get_node('sub_01_wf').get_node('enhance_t1w_wf')
+    enhance_wf.__desc__ = 'A sentence only this sub-workflow says.\n\n'
+    assert 'A sentence only this sub-workflow says.' in methods_text(workflow)
+    assert citation_markdown(workflow) == '### Methods\n\n' + methods_text(workflow)
+
+
+def test_subject_report_renders_the_methods_as_html(tmp_path):
+    methods = 'One *step* <b>.\n\nAnother step.\n\n### References\n\n- A paper.\n'
+    page = write_subject_report(tmp_path, '01', boilerplate=methods).read_text()
+    section = page.split('<h2>Methods</h2>', 1)[1]
+    assert '<p>One <em>step</em> &lt;b&gt;.</p>' in section
+    assert '<p>Another step.</p>' in section
+    assert '<h3>References</h3>' in section and '<li>A paper.</li>' in section
+    assert '###' not in page and '<b>' not in page
 
 
 # --- full runs ----------------------------------------------------------------------------
@@ -265,7 +323,10 @@ def test_participant_run_writes_bids_derivatives(full_run, assets):
     assert description['GeneratedBy'][0]['Name'] == 'cahal-bids'
     assert description['DatasetLinks']['raw'] == str(assets['bids'].resolve())
     assert (out / '.bidsignore').exists()
-    assert 'CAHAL' in (out / 'logs' / 'CITATION.md').read_text()
+    citation = (out / 'logs' / 'CITATION.md').read_text()
+    assert citation.startswith('### Methods\n\nResults included in this manuscript')
+    assert 'CAHAL' in citation and 'to Phantom space' in citation
+    assert 'additionally resampled' in citation and 'FLAIR image to T1w space' in citation
     anat = out / 'sub-01' / 'anat'
     expected = [
         'sub-01_desc-cahal_T1w.nii.gz', 'sub-01_desc-cahal_T1w.json',
@@ -345,7 +406,11 @@ def test_reports_link_real_figures(full_run):
             assert not source.startswith('/')  # relative, so the folder can move
             assert (out / source).is_file()
         assert 'No errors to report' in page
-        assert 'Methods' in page
+        # the methods text of logs/CITATION.md, rendered as HTML
+        methods = page.split('<h2>Methods</h2>', 1)[1]
+        assert '<p>Results included in this manuscript' in methods
+        assert '<h3>References</h3>' in methods and '<li>' in methods
+        assert '###' not in page
     assert 'space-Phantom_desc-registration_T1w.png' in (out / 'sub-01.html').read_text()
 
 
@@ -445,13 +510,27 @@ def test_missing_template_names_the_template_folder_and_alternative(
     assert '--template-file' in err
 
 
-def test_boilerplate_only(assets, tmp_path):
-    out = tmp_path / 'out'
-    assert run.main([str(assets['bids']), str(out), 'participant', '--boilerplate-only',
-                     '--no-denoise', '-w', str(tmp_path / 'w')]) == 0  # fmt: skip
-    text = (out / 'logs' / 'CITATION.md').read_text()
+def test_boilerplate_only(assets, tmp_path, capsys):
+    def boilerplate(out, *options):
+        assert run.main([str(assets['bids']), str(out), 'participant', '--boilerplate-only',
+                         '-w', str(tmp_path / 'w'), *options]) == 0  # fmt: skip
+        assert f'methods boilerplate written to {out / "logs" / "CITATION.md"}' in (
+            capsys.readouterr().out
+        )
+        assert sorted(p.name for p in out.rglob('*') if p.is_file()) == ['CITATION.md']
+        return (out / 'logs' / 'CITATION.md').read_text()
+
+    text = boilerplate(tmp_path / 'out', '--no-denoise')
+    assert text.startswith('### Methods\n\n')
     assert 'CAHAL' in text and 'denoised' not in text
-    assert sorted(p.name for p in out.rglob('*') if p.is_file()) == ['CITATION.md']
+    # the template is named, not needed: no TemplateFlow download for the text
+    assert 'to MNI152NLin2009cAsym space' in text
+    assert 'FLAIR image to T1w space' in text  # sub-01 has a T1w and a FLAIR
+    assert not (tmp_path / 'w').exists()
+    # the text follows the options of the run
+    other = boilerplate(tmp_path / 'other', '--skip-registration', '--modalities', 'T1w')
+    assert 'denoised' in other and 'Each T1w image' in other
+    assert 'MNI152NLin2009cAsym' not in other and 'FLAIR' not in other.split('###')[1]
 
 
 def test_run_configuration_is_saved_with_the_logs(full_run):

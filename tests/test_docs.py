@@ -72,11 +72,11 @@ def test_docs_build_without_warnings(tmp_path):
     assert len(set(graphs)) == 3, images
     for factory in ('init_single_subject_wf', 'init_enhance_wf', 'init_register_wf',
                     'init_ds_enhanced_wf', 'init_cahal_wf'):  # fmt: skip
-        assert re.search(rf'id="cahal_bids\.workflows\.\w+\.{factory}"', workflows), factory
+        assert re.search(rf'id="cahal_bids\.app\.workflows\.\w+\.{factory}"', workflows), factory
 
     # the command-line reference comes from the parsers themselves
     cli = (html / 'cli.html').read_text()
-    from cahal_bids.cli.run import build_parser
+    from cahal_bids.cli.parser import build_parser
 
     for action in build_parser()._actions:
         for option in action.option_strings:

@@ -271,9 +271,29 @@ def test_report_renders_at_laptop_width(report, browser, tmp_path):
     assert layout['scroll'] <= layout['inner'], layout
     assert layout['viewport'], layout
     assert layout['title'] == 'cahal-bids: sub-01', layout
+    # the methods text is rendered, not shown as Markdown source
+    methods = browser.evaluate(
+        '({headings: Array.from(document.querySelectorAll("h3"), (h) => h.textContent), '
+        'paragraphs: document.querySelectorAll("p").length, '
+        'markdown: document.body.innerText.includes("###")})'
+    )
+    assert 'References' in methods['headings'], methods
+    assert methods['paragraphs'] >= 3 and not methods['markdown'], methods
     screenshot = browser.screenshot(tmp_path / 'sub-01-1366x900.png')
     assert screenshot.stat().st_size > 10_000  # a real rendering, not a blank page
     assert _png_size(screenshot) == LAPTOP
+
+
+def test_methods_are_html_not_markdown(report):
+    """The methods text (logs/CITATION.md) is in the page as HTML: paragraphs, a References
+    heading and list, and no Markdown source such as ``###``."""
+    page = report.read_text()
+    methods = page.split('<h2>Methods</h2>', 1)[1]
+    assert '<p>Results included in this manuscript' in methods
+    assert '<h3>References</h3>' in methods and '<li>' in methods
+    assert '###' not in page
+    citation = (report.parent / 'logs' / 'CITATION.md').read_text()
+    assert 'FLAIR image to T1w space' in citation and 'FLAIR image to T1w space' in methods
 
 
 def test_a_broken_figure_is_caught(report, browser, tmp_path):

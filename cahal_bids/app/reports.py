@@ -20,6 +20,7 @@ from cahal_bids.core.atomic import atomic_path, write_text_atomic
 
 __all__ = [
     'comparison_figure',
+    'markdown_to_html',
     'registration_figure',
     'write_group_report',
     'write_subject_report',
@@ -184,9 +185,15 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _markdown_to_html(text: str) -> str:
-    paragraphs = [block.strip() for block in text.split('\n\n') if block.strip()]
-    return ''.join(f'<p>{html.escape(block)}</p>' for block in paragraphs)
+def markdown_to_html(text: str) -> str:
+    """HTML of a Markdown text such as the methods boilerplate (raw HTML in it is escaped).
+
+    >>> markdown_to_html('### References\\n\\n- a <b>\\n')
+    '<h3>References</h3>\\n<ul>\\n<li>a &lt;b&gt;</li>\\n</ul>'
+    """
+    import markdown
+
+    return markdown.markdown(html.escape(text, quote=False))
 
 
 def write_subject_report(
@@ -197,7 +204,11 @@ def write_subject_report(
     boilerplate: str = '',
     run_info: Mapping[str, Any] | None = None,
 ) -> Path:
-    """``sub-<label>.html`` from the subject's derivatives, figures and crash files."""
+    """``sub-<label>.html`` from the subject's derivatives, figures and crash files.
+
+    ``boilerplate`` is the run's methods text in Markdown
+    (:func:`~cahal_bids.app.boilerplate.methods_text`), shown as HTML.
+    """
     root = Path(output_dir)
     subject_dir = root / f'sub-{subject}'
     sections: list[str] = []
@@ -280,7 +291,7 @@ def write_subject_report(
         f'<body><h1>cahal-bids report: sub-{html.escape(subject)}</h1>'
         f'{_table(info_rows) if info_rows else ""}'
         f'<h2>Images</h2>{"".join(sections) or "<p>No enhanced image was written.</p>"}'
-        f'{errors}<h2>Methods</h2>{_markdown_to_html(boilerplate)}</body></html>\n'
+        f'{errors}<h2>Methods</h2>{markdown_to_html(boilerplate)}</body></html>\n'
     )
     return write_text_atomic(root / f'sub-{subject}.html', page)
 

@@ -1,6 +1,7 @@
 """``cahal-bids``: the BIDS-App (``cahal-bids BIDS_DIR OUTPUT_DIR participant``).
 
-``run.py``, ``python -m cahal_bids`` and the container entry point all call :func:`main`.
+``run.py``, ``python -m cahal_bids`` and the container entry point all call :func:`main`;
+the argument parser and the checks of the options are in :mod:`cahal_bids.cli.parser`.
 Exit codes: 0 everything done; 1 at least one image failed (all others were still
 processed; the failures and their crash files are listed); 2 usage or input errors.
 """
@@ -13,241 +14,252 @@ import re
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from cahal_bids.cli.common import (
-    EXIT_FAILURE,
-    EXIT_OK,
-    EXIT_USAGE,
-    make_parser,
-    positive_int,
-    report_error,
+from cahal_bids.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, report_error
+from cahal_bids.cli.parser import (
+    PROG,
+    check_participant_options,
+    check_paths,
+    parse_args,
+    template_label,
 )
 
-PROG = 'cahal-bids'
+if TYPE_CHECKING:
+    from cahal_bids.app.config import RunConfig
+
+__all__ = [
+    'RunInputs',
+    'build_config',
+    'collect_inputs',
+    'crash_reason',
+    'main',
+    'run_group',
+    'run_participant',
+    'write_boilerplate',
+]
 
 
-def memory_gb(text: str) -> float:
-    """``argparse`` type for ``--mem``: megabytes by default, or with a K/M/G/T suffix.
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the BIDS-App on ``argv`` (default: the command line); returns the exit code."""
+    args = parse_args(argv)
+    # nothing is ever sent: keep Nipype's version check (a network call) off before import
+    os.environ.setdefault('NIPYPE_NO_ET', '1')
+    from cahal_bids.core.errors import CahalError
 
-    >>> memory_gb('8000'), memory_gb('8G'), memory_gb('16GB'), memory_gb('512m')
-    (8.0, 8.0, 16.0, 0.512)
+    try:
+        bids_dir, output_dir = check_paths(args)
+    except CahalError as error:
+        report_error(PROG, str(error))
+        return EXIT_USAGE
+    if args.analysis_level == 'group':
+        return run_group(output_dir)
+    try:
+        config = build_config(args, bids_dir, output_dir)
+        inputs = collect_inputs(args, config)
+    except (CahalError, ValueError) as error:
+        report_error(PROG, str(error))
+        return EXIT_USAGE
+    for subject, reason in inputs.rejected:
+        report_error(PROG, f'sub-{subject}: skipped: {reason}')
+    if not inputs.images:
+        report_error(PROG, 'no usable image left; nothing was processed')
+        return EXIT_FAILURE
+    if args.boilerplate_only:
+        return write_boilerplate(config, inputs)
+    return run_participant(config, inputs)
+
+
+def build_config(args: argparse.Namespace, bids_dir: Path, output_dir: Path) -> RunConfig:
+    """The run configuration from checked options (raises ``CahalError`` on a bad one)."""
+    from cahal_bids.app.config import RunConfig
+
+    work_dir = (args.work_dir or Path.cwd() / 'work').resolve()
+    filters = check_participant_options(args, bids_dir, work_dir)
+    nprocs = args.nprocs or _available_cpus()
+    return RunConfig(
+        bids_dir=str(bids_dir),
+        output_dir=str(output_dir),
+        analysis_level=args.analysis_level,
+        work_dir=str(work_dir),
+        participant_label=list(args.participant_label or []),
+        session_label=list(args.session_label or []),
+        modalities=list(dict.fromkeys(args.modalities)),
+        bids_filters=filters,
+        skip_bids_validation=args.skip_bids_validation,
+        bids_database_dir=str(args.bids_database_dir.resolve()) if args.bids_database_dir else '',
+        nprocs=nprocs,
+        omp_nthreads=args.omp_nthreads or max(1, min(nprocs - 1, 8)),
+        mem_gb=args.mem_gb or 0.0,
+        plugin_file=str(args.use_plugin.resolve()) if args.use_plugin else '',
+        device=args.device,
+        precision=args.precision,
+        denoise=not args.no_denoise,
+        skip_registration=args.skip_registration,
+        template=template_label(args),
+        template_file=str(args.template_file.resolve()) if args.template_file else '',
+        output_spaces=args.output_spaces,
+        write_intermediate=args.write_intermediate,
+        sloppy=args.sloppy,
+        stop_on_first_crash=args.stop_on_first_crash,
+        write_graph=args.write_graph,
+        random_seed=args.random_seed,
+        verbosity=args.verbose,
+    )
+
+
+@dataclass
+class RunInputs:
+    """What a participant run found and resolved before any processing."""
+
+    images: dict[str, list[Any]]
+    """The usable images (:class:`~cahal_bids.app.bids.InputImage`) of each participant."""
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    """``(participant, reason)`` of each image whose header cannot be used."""
+    zoo_ids: dict[str, str] = field(default_factory=dict)
+    template_path: str | None = None
+    plugin: str = 'MultiProc'
+    plugin_args: dict[str, Any] = field(default_factory=dict)
+
+
+def collect_inputs(args: argparse.Namespace, config: RunConfig) -> RunInputs:
+    """Read the dataset, its images, the zoos, the template and the Nipype plugin.
+
+    Sets ``config.zoos``; raises ``CahalError`` or ``ValueError`` on bad inputs.
     """
-    match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([kmgt]?)b?\s*', text, flags=re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(
-            f'expected a memory size such as 8000 (MB), 8G or 16GB, got {text!r}'
+    from cahal_bids.app.bids import collect_images, read_layout
+    from cahal_bids.app.registration import resolve_template
+
+    layout = read_layout(
+        config.bids_dir,
+        validate=not args.skip_bids_validation,
+        database_dir=args.bids_database_dir,
+    )
+    found = collect_images(
+        layout,
+        participant_labels=args.participant_label,
+        session_labels=args.session_label,
+        modalities=config.modalities,
+        filters=config.bids_filters,
+    )
+    images, rejected = _screen_headers(found)
+    present = sorted({image.modality for found in images.values() for image in found})
+    config.zoos, zoo_ids = _open_zoos(args.zoo, present)
+    template_path = None
+    # the methods text names the template; only processing needs its file
+    if not (config.skip_registration or args.boilerplate_only):
+        template_path = str(resolve_template(config.template, template_file=args.template_file))
+    plugin, plugin_args = _plugin_settings(args, config)
+    return RunInputs(images, rejected, zoo_ids, template_path, plugin, plugin_args)
+
+
+def _init_workflow(config: RunConfig, inputs: RunInputs) -> Any:
+    from cahal_bids.app.workflows.base import init_cahal_wf
+
+    return init_cahal_wf(
+        config, inputs.images, zoo_ids=inputs.zoo_ids, template_file=inputs.template_path
+    )
+
+
+def write_boilerplate(config: RunConfig, inputs: RunInputs) -> int:
+    """``--boilerplate-only``: write the methods text of the run's workflow, run nothing."""
+    from cahal_bids.app.boilerplate import write_citation
+
+    path = write_citation(_init_workflow(config, inputs), config.output_dir)
+    print(f'{PROG}: methods boilerplate written to {path}')
+    return EXIT_OK
+
+
+def run_participant(config: RunConfig, inputs: RunInputs) -> int:
+    """Participant level: build and run the workflow, then write each participant's report."""
+    from cahal_bids.app.bids import container_from_environment, write_dataset_description
+    from cahal_bids.app.boilerplate import methods_text, write_citation
+    from cahal_bids.app.workflows.base import subject_log_dir
+
+    work_dir, output_dir = Path(config.work_dir), Path(config.output_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config_file = config.save(work_dir / f'config-{config.run_id}.toml')
+    previous_config_dir = _configure_nipype(config, work_dir)
+    write_dataset_description(
+        output_dir, bids_dir=Path(config.bids_dir), container=container_from_environment()
+    )
+    # built after _configure_nipype: every node copies Nipype's settings when it is made
+    workflow = _init_workflow(config, inputs)
+    write_citation(workflow, output_dir)
+    for subject in inputs.images:
+        log_dir = subject_log_dir(output_dir, subject, config.run_id)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(config_file, log_dir / 'cahal-bids.toml')
+    if config.write_graph:
+        _write_graph(workflow)
+    total = sum(len(found) for found in inputs.images.values())
+    print(
+        f'{PROG}: {total} image(s) of {len(inputs.images)} participant(s); work folder '
+        f'{work_dir}; run {config.run_id}',
+        file=sys.stderr,
+    )
+    crashed_run = None
+    try:
+        workflow.run(plugin=inputs.plugin, plugin_args=inputs.plugin_args)
+    except RuntimeError as error:  # Nipype: some nodes failed, the others finished
+        crashed_run = error
+    finally:
+        if previous_config_dir is None:
+            os.environ.pop('NIPYPE_CONFIG_DIR', None)
+        else:
+            os.environ['NIPYPE_CONFIG_DIR'] = previous_config_dir
+    failures = _write_subject_reports(config, inputs, methods_text(workflow))
+    if crashed_run is not None and not failures:
+        report_error(PROG, f'the workflow failed: {crashed_run}')
+        return EXIT_FAILURE
+    if failures or inputs.rejected:
+        _print_failures(inputs.rejected, failures)
+        return EXIT_FAILURE
+    print(f'{PROG}: done; derivatives in {output_dir}')
+    return EXIT_OK
+
+
+def _write_subject_reports(
+    config: RunConfig, inputs: RunInputs, methods: str
+) -> dict[str, list[Path]]:
+    """Write ``sub-<label>.html`` for every participant; returns their crash files."""
+    from cahal_bids.app.reports import write_subject_report
+    from cahal_bids.app.workflows.base import subject_log_dir
+
+    failures: dict[str, list[Path]] = {}
+    for subject in inputs.images:
+        crashes = _crash_files(subject_log_dir(config.output_dir, subject, config.run_id))
+        if crashes:
+            failures[subject] = crashes
+        report = write_subject_report(
+            config.output_dir,
+            subject,
+            crash_files=crashes,
+            boilerplate=methods,
+            run_info={
+                'cahal-bids': config.version,
+                'run': config.run_id,
+                'dataset': config.bids_dir,
+                'template': 'none (--skip-registration)'
+                if config.skip_registration
+                else config.template,
+                'denoising': config.denoise,
+            },
         )
-    value = float(match.group(1))
-    scale = {'': 1 / 1000, 'k': 1e-6, 'm': 1 / 1000, 'g': 1.0, 't': 1000.0}
-    return value * scale[match.group(2).lower()]
+        print(f'{PROG}: report {report}')
+    return failures
 
 
-def _both_spellings(name: str) -> list[str]:
-    dashed = '--' + name.replace('_', '-')
-    underscored = '--' + name.replace('-', '_')
-    return [dashed] if dashed == underscored else [dashed, underscored]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = make_parser(
-        PROG,
-        'Restore the low-resolution T1w and FLAIR images of a BIDS dataset to 1 mm in native '
-        'space with CAHAL, register them to a template, and write BIDS derivatives.',
-    )
-    parser.add_argument('bids_dir', type=Path, help='the root folder of a BIDS dataset')
-    parser.add_argument('output_dir', type=Path, help='where derivatives are written')
-    parser.add_argument(
-        'analysis_level', choices=['participant', 'group'], help='processing stage to run'
-    )
-    select = parser.add_argument_group('selecting inputs')
-    select.add_argument(
-        *_both_spellings('participant-label'),
-        dest='participant_label',
-        nargs='+',
-        metavar='LABEL',
-        help='participants to process (with or without the "sub-" prefix; default all)',
-    )
-    select.add_argument(
-        *_both_spellings('session-label'),
-        dest='session_label',
-        nargs='+',
-        metavar='LABEL',
-        help='sessions to process (with or without "ses-"; default all)',
-    )
-    select.add_argument(
-        *_both_spellings('bids-filter-file'),
-        dest='bids_filter_file',
-        type=Path,
-        metavar='FILE',
-        help='JSON of PyBIDS filters per query ("t1w", "flair") that refine the selection',
-    )
-    select.add_argument(
-        '--modalities',
-        nargs='+',
-        choices=['T1w', 'FLAIR'],
-        default=['T1w', 'FLAIR'],
-        help='which images to enhance (default both)',
-    )
-    select.add_argument(
-        *_both_spellings('skip-bids-validation'),
-        dest='skip_bids_validation',
-        action='store_true',
-        help='do not validate the input dataset',
-    )
-    select.add_argument(
-        *_both_spellings('bids-database-dir'),
-        dest='bids_database_dir',
-        type=Path,
-        metavar='DIR',
-        help='where PyBIDS keeps its index (reused across runs; outside the dataset)',
-    )
-    resources = parser.add_argument_group('resources')
-    resources.add_argument(
-        '-w',
-        *_both_spellings('work-dir'),
-        dest='work_dir',
-        type=Path,
-        metavar='DIR',
-        help='Nipype work folder; reruns with the same one resume (default: ./work)',
-    )
-    resources.add_argument(
-        *_both_spellings('nprocs'),
-        *_both_spellings('n-cpus'),
-        dest='nprocs',
-        type=positive_int,
-        help='processes run in parallel (default: all available CPUs)',
-    )
-    resources.add_argument(
-        *_both_spellings('omp-nthreads'),
-        dest='omp_nthreads',
-        type=positive_int,
-        help='threads per process (default: nprocs - 1, at most 8)',
-    )
-    resources.add_argument(
-        *_both_spellings('mem'),
-        *_both_spellings('mem-mb'),
-        dest='mem_gb',
-        type=memory_gb,
-        metavar='MEM',
-        help='memory limit (MB, or with a G suffix) for scheduling nodes',
-    )
-    resources.add_argument(
-        *_both_spellings('use-plugin'),
-        dest='use_plugin',
-        type=Path,
-        metavar='FILE',
-        help='Nipype plugin YAML (e.g. plugin: SLURM with plugin_args)',
-    )
-    resources.add_argument(
-        '--device',
-        choices=['auto', 'cpu', 'cuda'],
-        default='auto',
-        help='where the experts run (default: CUDA when available)',
-    )
-    resources.add_argument(
-        '--precision',
-        choices=['auto', 'fp32', 'bf16'],
-        default='auto',
-        help='expert arithmetic; auto (default) is bf16 where the CPU or GPU computes it '
-        'natively (about twice as fast), else fp32',
-    )
-    processing = parser.add_argument_group('processing')
-    processing.add_argument(
-        '--zoo',
-        nargs='+',
-        type=Path,
-        default=[],
-        metavar='PATH',
-        help='expert zoo folder(s); each manifest names its modality (default: shipped zoos)',
-    )
-    processing.add_argument(
-        *_both_spellings('no-denoise'),
-        dest='no_denoise',
-        action='store_true',
-        help='skip the non-local means denoising before enhancement',
-    )
-    processing.add_argument(
-        *_both_spellings('skip-registration'),
-        dest='skip_registration',
-        action='store_true',
-        help='do not register to the template (no transforms are written)',
-    )
-    processing.add_argument(
-        '--template',
-        default='MNI152NLin2009cAsym',
-        help='TemplateFlow template ID, read from TEMPLATEFLOW_HOME (default %(default)s)',
-    )
-    processing.add_argument(
-        *_both_spellings('template-file'),
-        dest='template_file',
-        type=Path,
-        metavar='PATH',
-        help='register to this image instead of a TemplateFlow template',
-    )
-    processing.add_argument(
-        *_both_spellings('template-name'),
-        dest='template_name',
-        metavar='LABEL',
-        help='space label of --template-file (default: its file name)',
-    )
-    processing.add_argument(
-        *_both_spellings('output-spaces'),
-        dest='output_spaces',
-        action='store_true',
-        help='also write the enhanced image resampled into the template',
-    )
-    processing.add_argument(
-        *_both_spellings('write-intermediate'),
-        dest='write_intermediate',
-        action='store_true',
-        help='also write the denoised input (desc-denoised)',
-    )
-    processing.add_argument(
-        '--sloppy',
-        action='store_true',
-        help="ANTs' fast registration presets (testing and previews only)",
-    )
-    processing.add_argument(
-        *_both_spellings('random-seed'),
-        dest='random_seed',
-        type=int,
-        default=0,
-        help='the one seed of every random step (default 0)',
-    )
-    other = parser.add_argument_group('run control')
-    other.add_argument(
-        *_both_spellings('stop-on-first-crash'),
-        dest='stop_on_first_crash',
-        action='store_true',
-        help='stop at the first failure instead of finishing the rest',
-    )
-    other.add_argument(
-        *_both_spellings('write-graph'),
-        dest='write_graph',
-        action='store_true',
-        help='write the workflow graph into the work folder',
-    )
-    other.add_argument(
-        *_both_spellings('boilerplate-only'),
-        dest='boilerplate_only',
-        action='store_true',
-        help='write logs/CITATION.md and exit',
-    )
-    other.add_argument(
-        '--notrack',
-        action='store_true',
-        help='accepted for compatibility: cahal-bids never sends anything anywhere',
-    )
-    other.add_argument(
-        '-v',
-        '--verbose',
-        dest='verbose',
-        action='count',
-        default=0,
-        help='more log messages (repeat for more)',
-    )
-    return parser
+def _print_failures(rejected: Sequence[tuple[str, str]], failures: dict[str, list[Path]]) -> None:
+    print(f'{PROG}: failures:', file=sys.stderr)
+    for subject, reason in rejected:
+        print(f'  sub-{subject}: {reason}', file=sys.stderr)
+    for subject, crashes in failures.items():
+        for crash in crashes:
+            print(f'  sub-{subject}: {crash_reason(crash)}', file=sys.stderr)
+            print(f'    crash file: {crash}', file=sys.stderr)
 
 
 def _available_cpus() -> int:
@@ -396,198 +408,6 @@ def run_group(output_dir: Path) -> int:
     table = write_group_summary(output_dir, rows)
     page = write_group_report(output_dir, rows)
     print(f'{PROG}: {len(rows)} image(s) summarised in {table} and {page}')
-    return EXIT_OK
-
-
-def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - a linear recipe
-    args = build_parser().parse_args(argv)
-    # nothing is ever sent: keep Nipype's version check (a network call) off before import
-    os.environ.setdefault('NIPYPE_NO_ET', '1')
-    from cahal_bids.app.bids import (
-        BIDSInputError,
-        check_output_dir,
-        collect_images,
-        container_from_environment,
-        load_bids_filters,
-        read_layout,
-        write_dataset_description,
-    )
-    from cahal_bids.core.errors import CahalError
-
-    bids_dir = args.bids_dir.resolve()
-    output_dir = args.output_dir.resolve()
-    try:
-        if not bids_dir.is_dir():
-            raise BIDSInputError(f'{args.bids_dir}: the BIDS dataset folder does not exist')
-        check_output_dir(bids_dir, output_dir)
-    except CahalError as error:
-        report_error(PROG, str(error))
-        return EXIT_USAGE
-    if args.analysis_level == 'group':
-        return run_group(output_dir)
-
-    from cahal_bids.app.boilerplate import boilerplate
-    from cahal_bids.app.config import RunConfig
-
-    work_dir = (args.work_dir or Path.cwd() / 'work').resolve()
-    nprocs = args.nprocs or _available_cpus()
-    template = args.template
-    if args.template_file is not None:
-        template = (
-            args.template_name
-            or re.sub(r'[^A-Za-z0-9]', '', args.template_file.name.split('.')[0])
-            or 'custom'
-        )
-    try:
-        for folder, what in ((work_dir, 'work'), (args.bids_database_dir, 'BIDS database')):
-            if folder is not None and (
-                folder.resolve() == bids_dir or bids_dir in folder.resolve().parents
-            ):
-                raise BIDSInputError(f'{folder}: the {what} folder must be outside the dataset')
-        filters = load_bids_filters(args.bids_filter_file)
-    except CahalError as error:
-        report_error(PROG, str(error))
-        return EXIT_USAGE
-    config = RunConfig(
-        bids_dir=str(bids_dir),
-        output_dir=str(output_dir),
-        analysis_level=args.analysis_level,
-        work_dir=str(work_dir),
-        participant_label=list(args.participant_label or []),
-        session_label=list(args.session_label or []),
-        modalities=list(dict.fromkeys(args.modalities)),
-        bids_filters=filters,
-        skip_bids_validation=args.skip_bids_validation,
-        bids_database_dir=str(args.bids_database_dir.resolve()) if args.bids_database_dir else '',
-        nprocs=nprocs,
-        omp_nthreads=args.omp_nthreads or max(1, min(nprocs - 1, 8)),
-        mem_gb=args.mem_gb or 0.0,
-        plugin_file=str(args.use_plugin.resolve()) if args.use_plugin else '',
-        device=args.device,
-        precision=args.precision,
-        denoise=not args.no_denoise,
-        skip_registration=args.skip_registration,
-        template=template,
-        template_file=str(args.template_file.resolve()) if args.template_file else '',
-        output_spaces=args.output_spaces,
-        write_intermediate=args.write_intermediate,
-        sloppy=args.sloppy,
-        stop_on_first_crash=args.stop_on_first_crash,
-        write_graph=args.write_graph,
-        random_seed=args.random_seed,
-        verbosity=args.verbose,
-    )
-    methods = boilerplate(config)
-    if args.boilerplate_only:
-        from cahal_bids.core.atomic import write_text_atomic
-
-        path = write_text_atomic(output_dir / 'logs' / 'CITATION.md', methods)
-        print(f'{PROG}: methods boilerplate written to {path}')
-        return EXIT_OK
-
-    from cahal_bids.app.registration import resolve_template
-
-    try:
-        layout = read_layout(
-            bids_dir,
-            validate=not args.skip_bids_validation,
-            database_dir=args.bids_database_dir,
-        )
-        images = collect_images(
-            layout,
-            participant_labels=args.participant_label,
-            session_labels=args.session_label,
-            modalities=config.modalities,
-            filters=filters,
-        )
-        images, rejected = _screen_headers(images)
-        present = sorted({image.modality for found in images.values() for image in found})
-        config.zoos, zoo_ids = _open_zoos(args.zoo, present)
-        template_path = None
-        if not config.skip_registration:
-            template_path = str(
-                resolve_template(config.template, template_file=args.template_file)
-            )
-        plugin, plugin_args = _plugin_settings(args, config)
-    except (CahalError, ValueError) as error:
-        report_error(PROG, str(error))
-        return EXIT_USAGE
-
-    from cahal_bids.app.workflows.base import init_cahal_wf, subject_log_dir
-
-    for subject, reason in rejected:
-        report_error(PROG, f'sub-{subject}: skipped: {reason}')
-    if not images:
-        report_error(PROG, 'no usable image left; nothing was processed')
-        return EXIT_FAILURE
-    work_dir.mkdir(parents=True, exist_ok=True)
-    config_file = config.save(work_dir / f'config-{config.run_id}.toml')
-    previous_config_dir = _configure_nipype(config, work_dir)
-    write_dataset_description(
-        output_dir, bids_dir=bids_dir, container=container_from_environment()
-    )
-    from cahal_bids.core.atomic import write_text_atomic
-
-    write_text_atomic(output_dir / 'logs' / 'CITATION.md', methods)
-    for subject in images:
-        log_dir = subject_log_dir(output_dir, subject, config.run_id)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(config_file, log_dir / 'cahal-bids.toml')
-    workflow = init_cahal_wf(config, images, zoo_ids=zoo_ids, template_file=template_path)
-    if config.write_graph:
-        _write_graph(workflow)
-    total = sum(len(found) for found in images.values())
-    print(
-        f'{PROG}: {total} image(s) of {len(images)} participant(s); work folder {work_dir}; '
-        f'run {config.run_id}',
-        file=sys.stderr,
-    )
-    crashed_run = None
-    try:
-        workflow.run(plugin=plugin, plugin_args=plugin_args)
-    except RuntimeError as error:  # Nipype: some nodes failed, the others finished
-        crashed_run = error
-    finally:
-        if previous_config_dir is None:
-            os.environ.pop('NIPYPE_CONFIG_DIR', None)
-        else:
-            os.environ['NIPYPE_CONFIG_DIR'] = previous_config_dir
-    from cahal_bids.app.reports import write_subject_report
-
-    failures: dict[str, list[Path]] = {}
-    for subject in images:
-        crashes = _crash_files(subject_log_dir(output_dir, subject, config.run_id))
-        if crashes:
-            failures[subject] = crashes
-        report = write_subject_report(
-            output_dir,
-            subject,
-            crash_files=crashes,
-            boilerplate=methods,
-            run_info={
-                'cahal-bids': config.version,
-                'run': config.run_id,
-                'dataset': str(bids_dir),
-                'template': 'none (--skip-registration)'
-                if config.skip_registration
-                else config.template,
-                'denoising': config.denoise,
-            },
-        )
-        print(f'{PROG}: report {report}')
-    if crashed_run is not None and not failures:
-        report_error(PROG, f'the workflow failed: {crashed_run}')
-        return EXIT_FAILURE
-    if failures or rejected:
-        print(f'{PROG}: failures:', file=sys.stderr)
-        for subject, reason in rejected:
-            print(f'  sub-{subject}: {reason}', file=sys.stderr)
-        for subject, crashes in failures.items():
-            for crash in crashes:
-                print(f'  sub-{subject}: {crash_reason(crash)}', file=sys.stderr)
-                print(f'    crash file: {crash}', file=sys.stderr)
-        return EXIT_FAILURE
-    print(f'{PROG}: done; derivatives in {output_dir}')
     return EXIT_OK
 
 

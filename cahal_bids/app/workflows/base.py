@@ -5,15 +5,30 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
+from cahal_bids import __version__
 from cahal_bids.app.bids import InputImage
+from cahal_bids.app.boilerplate import package_version
 from cahal_bids.app.config import RunConfig
 from cahal_bids.app.workflows.enhance import init_enhance_wf
 from cahal_bids.app.workflows.outputs import init_ds_enhanced_wf, init_ds_registration_wf
 from cahal_bids.app.workflows.registration import init_register_wf
 
 __all__ = ['init_cahal_wf', 'init_single_subject_wf', 'subject_log_dir']
+
+REFERENCES = (
+    '### References\n\n'
+    '- Morell-Ortega et al., CAHAL: clinically applicable resolution enhancement for '
+    'low-resolution MRI scans.\n'
+    '- Avants et al., A reproducible evaluation of ANTs similarity metric performance in '
+    'brain image registration, NeuroImage 2011.\n'
+    '- Manjon et al., Adaptive non-local means denoising of MR images with spatially '
+    'varying noise levels, JMRI 2010.\n'
+    '- Gorgolewski et al., Nipype, Front. Neuroinform. 2011.\n'
+    '- Yarkoni et al., PyBIDS, JOSS 2019.\n'
+)
+"""The methods text's references (``__postdesc__`` of :func:`init_cahal_wf`)."""
 
 
 def subject_log_dir(output_dir: str | Path, subject: str, run_id: str) -> Path:
@@ -47,7 +62,7 @@ def init_single_subject_wf(
     omp_nthreads: int,
     seed: int,
     name: str | None = None,
-) -> pe.Workflow:
+) -> Workflow:
     """Enhance, register and write every image of one participant.
 
     Each image is an independent branch: a failure in one does not stop the
@@ -72,9 +87,8 @@ def init_single_subject_wf(
                 skip_registration=False, output_spaces=False, write_intermediate=False,
                 sloppy=False, omp_nthreads=1, seed=0)
     """
-    workflow = pe.Workflow(name=name or f'sub_{subject}_wf')
-    workflow.__desc__ = ''
-    enhanced_nodes: dict[str, pe.Workflow] = {}
+    workflow = Workflow(name=name or f'sub_{subject}_wf')
+    enhanced_nodes: dict[str, Workflow] = {}
     for image in images:
         enhance_wf = init_enhance_wf(
             modality=image.modality,
@@ -136,8 +150,6 @@ def init_single_subject_wf(
                 ('outputnode.resampled', 'inputnode.resampled'),
             ]),
         ])  # fmt: skip
-        if not workflow.__desc__:
-            workflow.__desc__ = enhance_wf.__desc__ + register_wf.__desc__
     t1ws = [image for image in images if image.modality == 'T1w']
     for flair in (image for image in images if image.modality == 'FLAIR'):
         reference = _reference_t1w(flair, t1ws)
@@ -149,6 +161,7 @@ def init_single_subject_wf(
             sloppy=sloppy,
             affine=False,
             seed=seed,
+            moving_label='FLAIR image',
             name=f'flair2t1w_{flair.key}_wf',
         )
         ds_rigid_wf = init_ds_registration_wf(
@@ -181,13 +194,24 @@ def init_cahal_wf(
     *,
     zoo_ids: Mapping[str, str],
     template_file: str | None,
-) -> pe.Workflow:
+) -> Workflow:
     """The whole participant-level run: one sub-workflow per participant.
 
     This is the only builder that reads the run configuration. Each participant's
-    crash files go to ``<output_dir>/sub-<label>/log/<run_id>/``.
+    crash files go to ``<output_dir>/sub-<label>/log/<run_id>/``. Its ``__desc__`` opens
+    the methods text (software, modalities) and its ``__postdesc__`` closes it with the
+    references; the steps in between are described by the sub-workflows
+    (:func:`cahal_bids.app.boilerplate.methods_text` collects them).
     """
-    workflow = pe.Workflow(name='cahal_bids_wf', base_dir=config.work_dir)
+    workflow = Workflow(name='cahal_bids_wf', base_dir=config.work_dir)
+    workflow.__desc__ = (
+        f'Results included in this manuscript come from processing with cahal-bids '
+        f'{__version__}, a BIDS-App built with Nipype {package_version("nipype")} '
+        '(Gorgolewski et al., 2011) that read the dataset with PyBIDS '
+        f'{package_version("pybids")} (Yarkoni et al., 2019). Each '
+        f'{" and ".join(config.modalities)} image was processed on its own, as follows.\n\n'
+    )
+    workflow.__postdesc__ = REFERENCES
     for subject, subject_images in sorted(images.items()):
         single_subject_wf = init_single_subject_wf(
             subject=subject,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
+from cahal_bids import __version__
+from cahal_bids.app.boilerplate import package_version
 from cahal_bids.app.interfaces.enhancement import CahalEnhance, DenoiseImage
 from cahal_bids.app.interfaces.reports import ComparisonFigure
 
@@ -25,7 +28,7 @@ def init_enhance_wf(
     precision: str = 'auto',
     seed: int = 0,
     name: str = 'enhance_wf',
-) -> pe.Workflow:
+) -> Workflow:
     """Denoise (optional) and restore one image to 1 mm in its native space.
 
     Workflow Graph
@@ -40,9 +43,11 @@ def init_enhance_wf(
     Parameters
     ----------
     modality
-        ``'T1w'`` or ``'FLAIR'`` (for the methods text; the zoo decides the experts).
+        ``'T1w'`` or ``'FLAIR'`` (the zoo decides the experts; the methods text names
+        the modalities once, at the top of the run).
     denoise
-        Run ANTs adaptive non-local means before enhancement.
+        Run ANTs adaptive non-local means before enhancement (and say so in the
+        methods text, ``workflow.__desc__``).
     device
         ``'auto'``, ``'cpu'`` or ``'cuda'``.
     zoo
@@ -68,17 +73,23 @@ def init_enhance_wf(
     figure
         PNG: trilinear input, CAHAL output and their difference in three planes.
     """
-    workflow = pe.Workflow(name=name)
+    workflow = Workflow(name=name)
+    # one text for every modality, so that the run's methods name each step once
     workflow.__desc__ = (
-        f'The {modality} image was '
-        + (
-            'denoised with ANTs adaptive non-local means (Rician noise model), then '
+        (
+            'Each image was first denoised with the adaptive non-local means filter of ANTs '
+            f'(Rician noise model; ANTs through antspyx {package_version("antspyx")}).\n\n'
             if denoise
             else ''
         )
-        + 'restored to 1 mm isotropic in its native space with CAHAL: trilinear resampling '
-        "onto a 1 mm grid sharing the image's voxel axes and field of view, followed by the "
-        "one residual 3D U-Net expert that the image's voxel volume and anisotropy select. "
+        + 'Images with any voxel dimension above 1 mm were restored to 1 mm isotropic '
+        'resolution in their native space with CAHAL (Morell-Ortega et al., as implemented '
+        f'in cahal-bids {__version__}): each image was resampled trilinearly onto a 1 mm grid '
+        'that keeps its own voxel axes and field of view, and a residual 3D U-Net added the '
+        'missing high-frequency content. The network was one of 18 experts of a '
+        'deterministic mixture, chosen from the image header alone by voxel volume (7 bins) '
+        'and anisotropy (3 bins). Images already at 1 mm or finer were kept as they were. '
+        f'PyTorch {package_version("torch")} ran the experts.\n\n'
     )
     inputnode = pe.Node(niu.IdentityInterface(fields=['in_file']), name='inputnode')
     outputnode = pe.Node(

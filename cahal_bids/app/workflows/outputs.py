@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from cahal_bids.app.bids import bids_uri
 from cahal_bids.app.interfaces.bids import DerivativesDataSink
@@ -34,7 +35,7 @@ def init_ds_enhanced_wf(
     denoised: bool,
     write_intermediate: bool,
     name: str = 'ds_enhanced_wf',
-) -> pe.Workflow:
+) -> Workflow:
     """Write ``..._desc-cahal_<suffix>.nii.gz`` with its sidecar, and its report figure.
 
     Inputs
@@ -44,7 +45,7 @@ def init_ds_enhanced_wf(
     denoised
         The denoised input (written only with ``write_intermediate``).
     """
-    workflow = pe.Workflow(name=name)
+    workflow = Workflow(name=name)
     inputnode = pe.Node(
         niu.IdentityInterface(fields=['enhanced', 'report', 'figure', 'denoised']),
         name='inputnode',
@@ -100,7 +101,7 @@ def init_ds_registration_wf(
     template: str,
     resampled: bool,
     name: str = 'ds_registration_wf',
-) -> pe.Workflow:
+) -> Workflow:
     """Write the transforms ``..._from-<suffix>_to-<template>_mode-image_xfm.txt`` and back.
 
     Inputs
@@ -108,7 +109,7 @@ def init_ds_registration_wf(
     forward, inverse, report, figure, resampled
         From :func:`~cahal_bids.app.workflows.registration.init_register_wf`.
     """
-    workflow = pe.Workflow(name=name)
+    workflow = Workflow(name=name)
     inputnode = pe.Node(
         niu.IdentityInterface(fields=['forward', 'inverse', 'report', 'figure', 'resampled']),
         name='inputnode',

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
+from cahal_bids.app.boilerplate import package_version
 from cahal_bids.app.interfaces.registration import RegisterLinear, ResampleToTemplate
 from cahal_bids.app.interfaces.reports import RegistrationFigure
 
@@ -20,8 +22,9 @@ def init_register_wf(
     affine: bool = True,
     resample: bool = False,
     seed: int = 0,
+    moving_label: str = 'image',
     name: str = 'register_wf',
-) -> pe.Workflow:
+) -> Workflow:
     """ANTs rigid then affine registration of an enhanced image to a reference.
 
     The transform (forward and inverse, ITK text) is the result; the native-space
@@ -46,6 +49,9 @@ def init_register_wf(
         Rigid then affine (True) or rigid only (False, e.g. FLAIR to T1w).
     resample
         Also resample the image into the reference (``--output-spaces``).
+    moving_label
+        What the moving images are, for the methods text (``workflow.__desc__``):
+        ``'image'``, or e.g. ``'FLAIR image'``.
 
     Inputs
     ------
@@ -65,12 +71,18 @@ def init_register_wf(
     resampled
         The image on the reference grid (only with ``resample``).
     """
-    workflow = pe.Workflow(name=name)
+    workflow = Workflow(name=name)
     stages = 'rigid then affine' if affine else 'rigid'
     workflow.__desc__ = (
-        f'A {stages} transform to {template} was estimated with ANTs (Mattes mutual '
-        'information, multi-resolution) from the enhanced image; the native-space image '
-        'itself was not resampled. '
+        f'A {stages} transform from each restored {moving_label} to {template} space was '
+        'estimated with ANTs (Mattes mutual information, multi-resolution; ANTs through '
+        f'antspyx {package_version("antspyx")}). '
+        + (
+            'The restored image was additionally resampled (linearly) into that space; '
+            'the native-space image was kept.\n\n'
+            if resample
+            else 'The restored image itself was left in native space.\n\n'
+        )
     )
     inputnode = pe.Node(niu.IdentityInterface(fields=['moving', 'reference']), name='inputnode')
     if template_file is not None:
