@@ -1,8 +1,9 @@
-"""Load, validate and atomically save NIfTI images.
+"""Load, validate and atomically save NIfTI images, from files or in memory.
 
 Every problem with an input image is reported as one
 :class:`~cahal_bids.core.errors.InvalidImageError` whose message starts with the file
-name, so a one-line report is enough to find the culprit. Problems that do not
+name (``<in-memory image>`` for :func:`validate_image`), so a one-line report is enough
+to find the culprit. Problems that do not
 stop processing (qform and sform disagreeing, no orientation at all, header
 pixdim disagreeing with the affine) are returned as human-readable strings in
 ``warnings``.
@@ -56,7 +57,10 @@ __all__ = [
     'choose_affine',
     'load_header',
     'load_image',
+    'nifti_image',
     'save_image',
+    'validate_image',
+    'write_image',
 ]
 
 NIFTI_SUFFIXES: tuple[str, ...] = ('.nii', '.nii.gz')
@@ -85,10 +89,11 @@ class LoadedHeader:
     """A validated NIfTI header, without voxel data (for dry runs and routing).
 
     ``shape`` is always 3D: a 4D image with a single volume is reported with the
-    volume axis dropped. ``affine`` is a read-only 4x4 float64 copy.
+    volume axis dropped. ``affine`` is a read-only 4x4 float64 copy. ``path`` is None
+    for an image validated in memory (:func:`validate_image`).
     """
 
-    path: Path
+    path: Path | None
     affine: np.ndarray
     header: nib.Nifti1Header
     voxel_sizes: tuple[float, float, float]
@@ -111,6 +116,11 @@ class LoadedImage(LoadedHeader):
 
 def _is_nifti_name(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _name(path: str | PathLike[str] | None) -> str:
+    """How messages name an image: its file, or ``<in-memory image>``."""
+    return '<in-memory image>' if path is None else str(path)
 
 
 def _check_file(path: Path) -> None:
@@ -148,10 +158,10 @@ def choose_affine(
     """The voxel-to-world affine to use for ``header`` and the warnings it raises.
 
     See the module docstring for the rule. ``path`` only names the file in the
-    warnings. Raises :class:`InvalidImageError` when the header's qform or sform
-    cannot be decoded.
+    warnings. Raises :class:`~cahal_bids.core.errors.InvalidImageError` when the
+    header's qform or sform cannot be decoded.
     """
-    name = '<in-memory image>' if path is None else str(path)
+    name = _name(path)
     try:
         sform, sform_code = header.get_sform(coded=True)
         qform, qform_code = header.get_qform(coded=True)
@@ -176,7 +186,7 @@ def choose_affine(
     )
 
 
-def _validated_shape(path: Path, raw_shape: tuple[int, ...]) -> tuple[int, int, int]:
+def _validated_shape(path: Path | None, raw_shape: tuple[int, ...]) -> tuple[int, int, int]:
     shape = tuple(int(size) for size in raw_shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -194,7 +204,7 @@ def _validated_shape(path: Path, raw_shape: tuple[int, ...]) -> tuple[int, int, 
     return shape[0], shape[1], shape[2]
 
 
-def _validated_dtype(path: Path, header: nib.Nifti1Header) -> np.dtype[Any]:
+def _validated_dtype(path: Path | None, header: nib.Nifti1Header) -> np.dtype[Any]:
     dtype = header.get_data_dtype()
     if dtype.fields is not None:
         raise InvalidImageError(
@@ -224,9 +234,9 @@ def _raw_pixdim(path: Path, header: nib.Nifti1Header) -> np.ndarray:
 
 
 def _validated_geometry(
-    path: Path, header: nib.Nifti1Header
+    path: Path | None, header: nib.Nifti1Header, pixdim: np.ndarray
 ) -> tuple[np.ndarray, tuple[float, float, float], tuple[str, ...]]:
-    pixdim = _raw_pixdim(path, header)
+    """The affine, voxel sizes and warnings of ``header``; ``pixdim`` is pixdim[1:4] as stored."""
     if not (np.all(np.isfinite(pixdim)) and np.all(pixdim > 0)):
         raise InvalidImageError(
             path, f'header voxel sizes pixdim[1:4] = {pixdim.tolist()} must be finite and > 0'
@@ -249,13 +259,44 @@ def _validated_geometry(
     if np.max(np.abs(norms - pixdim)) > QFORM_SFORM_TOLERANCE:
         warnings = (
             *warnings,
-            f'{path}: header pixdim {np.round(pixdim, 6).tolist()} differs from the '
+            f'{_name(path)}: header pixdim {np.round(pixdim, 6).tolist()} differs from the '
             f'affine voxel sizes {np.round(norms, 6).tolist()}; using the affine',
         )
     affine = affine.copy()
     affine.setflags(write=False)
     voxel_sizes = (float(norms[0]), float(norms[1]), float(norms[2]))
     return affine, voxel_sizes, warnings
+
+
+def _check_type(image: object, path: Path | None) -> None:
+    if not isinstance(image, nib.Nifti1Image):  # Nifti2Image is a subclass
+        read_as = 'got' if path is None else 'read as'
+        raise InvalidImageError(
+            path, f'not a single-file NIfTI-1/NIfTI-2 image ({read_as} {type(image).__name__})'
+        )
+
+
+def _validated_header(
+    image: nib.Nifti1Image, path: Path | None, pixdim: np.ndarray
+) -> LoadedHeader:
+    """Every check of a NIfTI image's header and shape, for files and in-memory images.
+
+    ``pixdim`` is pixdim[1:4] as stored (nibabel replaces zero and negative ones when
+    it reads a file, so a file's are read again from its bytes).
+    """
+    header = image.header
+    shape = _validated_shape(path, image.shape)
+    dtype = _validated_dtype(path, header)
+    affine, voxel_sizes, warnings = _validated_geometry(path, header, pixdim)
+    return LoadedHeader(
+        path=path,
+        affine=affine,
+        header=header,
+        voxel_sizes=voxel_sizes,
+        shape=shape,
+        warnings=warnings,
+        source_dtype=dtype.name,
+    )
 
 
 def _open(path: str | PathLike[str]) -> tuple[nib.Nifti1Image, LoadedHeader]:
@@ -267,25 +308,10 @@ def _open(path: str | PathLike[str]) -> tuple[nib.Nifti1Image, LoadedHeader]:
         raise InvalidImageError(
             file, f'not a readable NIfTI file ({_reason(exc, file)})'
         ) from None
-    if not isinstance(image, nib.Nifti1Image):  # Nifti2Image is a subclass
-        raise InvalidImageError(
-            file, f'not a single-file NIfTI-1/NIfTI-2 image (read as {type(image).__name__})'
-        )
-    header = image.header
-    shape = _validated_shape(file, image.shape)
-    dtype = _validated_dtype(file, header)
-    affine, voxel_sizes, warnings = _validated_geometry(file, header)
+    _check_type(image, file)
+    loaded = _validated_header(image, file, _raw_pixdim(file, image.header))
     if not file.name.lower().endswith('.gz'):
-        _check_size(file, header, dtype)
-    loaded = LoadedHeader(
-        path=file,
-        affine=affine,
-        header=header,
-        voxel_sizes=voxel_sizes,
-        shape=shape,
-        warnings=warnings,
-        source_dtype=dtype.name,
-    )
+        _check_size(file, loaded.header, np.dtype(loaded.source_dtype))
     return image, loaded
 
 
@@ -301,9 +327,12 @@ def _check_size(path: Path, header: nib.Nifti1Header, dtype: np.dtype[Any]) -> N
         )
 
 
-def _reason(exc: BaseException, path: Path) -> str:
+def _reason(exc: BaseException, path: Path | None) -> str:
     """One-line reason from a reader exception, without repeating the file name."""
-    text = ' '.join(str(exc).replace(f'"{path}"', 'file').replace(str(path), 'file').split())
+    text = str(exc)
+    if path is not None:
+        text = text.replace(f'"{path}"', 'file').replace(str(path), 'file')
+    text = ' '.join(text.split())
     text = text or 'no details'
     return f'{type(exc).__name__}: {text}'
 
@@ -338,10 +367,40 @@ def _check_fits_in_memory(loaded: LoadedHeader) -> None:
 def load_image(path: str | PathLike[str]) -> LoadedImage:
     """Load and validate a 3D NIfTI-1/NIfTI-2 image as float32 (see :class:`LoadedImage`).
 
-    Raises :class:`InvalidImageError` naming the file and the problem for every
-    image that cannot be used as it is.
+    Raises :class:`~cahal_bids.core.errors.InvalidImageError` naming the file and the
+    problem for every image that cannot be used as it is.
     """
-    image, loaded = _open(path)
+    return _with_voxels(*_open(path))
+
+
+def validate_image(image: nib.Nifti1Image) -> LoadedImage:
+    """Validate an in-memory NIfTI-1/NIfTI-2 image as :func:`load_image` validates a file.
+
+    The header that is checked is the one :func:`nibabel.save` would write, as
+    :func:`nibabel.load` would read it back: a copy of ``image.header`` brought in line
+    with ``image.affine`` and the data shape (the image itself is not changed); its
+    pixdim[1:4] are checked as stored in ``image.header``, before nibabel's fixes. Every
+    check of :func:`load_image` on the header, shape, voxel type, geometry and voxel
+    values applies; the checks of the file itself (name, size, truncation) have nothing
+    to check. Raises :class:`~cahal_bids.core.errors.InvalidImageError` (its message starts with
+    ``<in-memory image>``).
+
+    >>> image = nib.Nifti1Image(np.ones((4, 5, 6), np.int16), np.diag([1, 1, 4, 1]))
+    >>> validate_image(image).voxel_sizes, validate_image(image).data.dtype
+    ((1.0, 1.0, 4.0), dtype('float32'))
+    """
+    _check_type(image, None)
+    try:
+        twin = type(image)(image.dataobj, image.affine, image.header)
+        twin.update_header()
+    except _READ_ERRORS as exc:
+        raise InvalidImageError(None, f'invalid header ({_reason(exc, None)})') from None
+    pixdim = np.asarray(image.header['pixdim'][1:4], dtype=np.float64)
+    return _with_voxels(twin, _validated_header(twin, None, pixdim))
+
+
+def _with_voxels(image: nib.Nifti1Image, loaded: LoadedHeader) -> LoadedImage:
+    """Read the voxels of a validated image as finite float32 (see :class:`LoadedImage`)."""
     _check_fits_in_memory(loaded)
     try:
         data = np.asanyarray(image.dataobj, dtype=np.float32)
@@ -368,7 +427,7 @@ def load_image(path: str | PathLike[str]) -> LoadedImage:
     )
 
 
-def _prepare_data(data: npt.ArrayLike, dtype: npt.DTypeLike, path: Path) -> np.ndarray:
+def _prepare_data(data: npt.ArrayLike, dtype: npt.DTypeLike, path: Path | None) -> np.ndarray:
     array = np.asarray(data)
     if array.dtype == np.bool_:
         array = array.astype(np.uint8)
@@ -387,6 +446,50 @@ def _prepare_data(data: npt.ArrayLike, dtype: npt.DTypeLike, path: Path) -> np.n
     if target.kind == 'f':
         return array.astype(target)
     raise InvalidImageError(path, f'cannot save voxel type {target.name}; expected int or float')
+
+
+def nifti_image(
+    data: npt.ArrayLike,
+    affine: npt.ArrayLike,
+    *,
+    dtype: npt.DTypeLike = np.float32,
+    header_like: nib.Nifti1Header | LoadedHeader | None = None,
+) -> nib.Nifti1Image:
+    """The in-memory image that :func:`save_image` writes for the same arguments."""
+    return _build_image(data, affine, dtype, header_like, None)
+
+
+def _build_image(
+    data: npt.ArrayLike,
+    affine: npt.ArrayLike,
+    dtype: npt.DTypeLike,
+    header_like: nib.Nifti1Header | LoadedHeader | None,
+    path: Path | None,
+) -> nib.Nifti1Image:
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+        raise InvalidImageError(path, f'cannot save with affine {matrix.tolist()}')
+    array = _prepare_data(data, dtype, path)
+
+    qform_code = sform_code = 1
+    if header_like is not None:
+        like = header_like.header if isinstance(header_like, LoadedHeader) else header_like
+        qform_code = int(like['qform_code']) or 1
+        sform_code = int(like['sform_code']) or 1
+    image = nib.Nifti1Image(array, matrix, dtype=array.dtype)
+    image.set_qform(matrix, code=qform_code)
+    image.set_sform(matrix, code=sform_code)
+    image.header.set_xyzt_units(xyz='mm')
+    return image
+
+
+def _checked_name(path: str | PathLike[str]) -> Path:
+    file = Path(path)
+    if not _is_nifti_name(file):
+        raise InvalidImageError(
+            file, f'unsupported file name; expected one ending in {" or ".join(NIFTI_SUFFIXES)}'
+        )
+    return file
 
 
 def save_image(
@@ -408,26 +511,17 @@ def save_image(
     Integer ``dtype`` rounds and clips the values, so no scaling is stored; note
     that NIfTI stores the sform in float32. Returns ``path`` as a :class:`~pathlib.Path`.
     """
-    file = Path(path)
-    if not _is_nifti_name(file):
-        raise InvalidImageError(
-            file, f'unsupported file name; expected one ending in {" or ".join(NIFTI_SUFFIXES)}'
-        )
-    matrix = np.asarray(affine, dtype=np.float64)
-    if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
-        raise InvalidImageError(file, f'cannot save with affine {matrix.tolist()}')
-    array = _prepare_data(data, dtype, file)
+    file = _checked_name(path)
+    return write_image(_build_image(data, affine, dtype, header_like, file), file)
 
-    qform_code = sform_code = 1
-    if header_like is not None:
-        like = header_like.header if isinstance(header_like, LoadedHeader) else header_like
-        qform_code = int(like['qform_code']) or 1
-        sform_code = int(like['sform_code']) or 1
-    image = nib.Nifti1Image(array, matrix, dtype=array.dtype)
-    image.set_qform(matrix, code=qform_code)
-    image.set_sform(matrix, code=sform_code)
-    image.header.set_xyzt_units(xyz='mm')
 
+def write_image(image: nib.Nifti1Image, path: str | PathLike[str]) -> Path:
+    """Write an in-memory NIfTI image to ``path`` atomically, as :func:`save_image` does.
+
+    ``.nii.gz`` is gzip-compressed with a fixed gzip header, so equal images give equal
+    bytes. Returns ``path`` as a :class:`~pathlib.Path`.
+    """
+    file = _checked_name(path)
     with atomic_path(file) as temporary:
         _write_nifti(image, temporary, compressed=file.name.endswith('.gz'))
     return file
