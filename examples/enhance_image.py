@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Recipe: enhance several images with one zoo, loading the experts once.
 
-Uses only the public API (``Zoo``, ``Enhancer``); ``cahal-enhance`` does the same for a
-single image. Usage::
+Uses only the public API (``from cahal_bids import Enhancer``); ``cahal-enhance`` does the
+same for a single image. Usage::
 
     python examples/enhance_image.py ZOO OUT_DIR IMAGE [IMAGE ...]
 """
@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cahal_bids.engine.inference import Enhancer, resolve_device
-from cahal_bids.engine.zoo import Zoo
+from cahal_bids import Enhancer
 
 
 def main() -> None:
@@ -22,7 +21,7 @@ def main() -> None:
     parser.add_argument('out_dir', type=Path)
     parser.add_argument('images', type=Path, nargs='+')
     args = parser.parse_args()
-    enhancer = Enhancer(Zoo.open(args.zoo), device=resolve_device('auto'))
+    enhancer = Enhancer(args.zoo, device='auto')  # the zoo is opened (and checked) once
     for image in args.images:
         name = image.name.replace('.nii.gz', '').replace('.nii', '')
         result = enhancer.enhance_file(image, args.out_dir / f'{name}_desc-cahal.nii.gz')

@@ -1,15 +1,17 @@
-"""Enhance one image: route, resample to the native 1 mm grid, run one expert, write.
+"""Enhance one image: route, resample to the native 1 mm grid, run one expert.
 
 :class:`Enhancer` opens a zoo once (like a predictor object loading a model folder)
-and then serves many images. The pipeline for one image is:
+and then serves many images, in memory (:meth:`Enhancer.enhance`, a nibabel image in,
+an :class:`EnhancedImage` out) or file to file (:meth:`Enhancer.enhance_file`). The
+pipeline for one image is:
 
 validate -> canonical RAS (lossless) -> robust intensity normalisation ->
 trilinear to the native 1 mm grid -> expert (tiled, memory-aware) -> undo the
-normalisation -> back to the input's own voxel axes -> write (atomically) with a
-JSON sidecar describing every decision.
+normalisation -> back to the input's own voxel axes, with a provenance record of
+every decision (for files: written atomically, with the record as a JSON sidecar).
 
-Images already at 1 mm or finer along every axis are written unchanged (same
-grid, same values) and the sidecar says so.
+Images already at 1 mm or finer along every axis come back unchanged (same grid,
+same values) and the provenance says so.
 """
 
 from __future__ import annotations
@@ -32,20 +34,25 @@ from cahal_bids.core.errors import CahalError
 from cahal_bids.core.routing import Route, route
 
 if TYPE_CHECKING:
+    import nibabel
     import torch
 
+    from cahal_bids.core.nifti import LoadedImage
     from cahal_bids.engine.networks import ResidualUNet3D
     from cahal_bids.engine.zoo import ExpertChoice, Zoo
 
 PRECISIONS = ('auto', 'fp32', 'bf16')
+"""The expert arithmetic an :class:`Enhancer` accepts (see :func:`resolve_precision`)."""
 OUTPUT_COPIES = 6
 """Float32 volumes of the output grid alive at once outside the network (RAS copies,
 normalised input, upsampled input, output, reoriented output): the memory a restore
 needs besides the expert's own, which tiling bounds."""
 
 __all__ = [
+    'IN_MEMORY_HASH',
     'PRECISIONS',
     'EnhanceResult',
+    'EnhancedImage',
     'Enhancer',
     'resolve_device',
     'resolve_precision',
@@ -110,12 +117,17 @@ def sidecar_path_for(image_path: str | os.PathLike[str]) -> Path:
     return path.with_name(name + '.json')
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open('rb') as stream:
-        for block in iter(lambda: stream.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
+def _open_zoo(zoo: Zoo | str | os.PathLike[str]) -> Zoo:
+    """A modality name opens the shipped zoo, a path opens that folder, a Zoo is kept."""
+    from cahal_bids.engine.zoo import SHIPPED_ZOOS, Zoo, default_zoo_path
+
+    if isinstance(zoo, Zoo):
+        return zoo
+    if isinstance(zoo, str) and zoo in SHIPPED_ZOOS:
+        return Zoo.open(default_zoo_path(zoo))
+    if isinstance(zoo, (str, os.PathLike)):
+        return Zoo.open(zoo)
+    raise TypeError(f'zoo must be a modality name, a zoo folder or a Zoo, got {type(zoo)!r}')
 
 
 def software_versions() -> dict[str, str]:
@@ -132,24 +144,74 @@ def software_versions() -> dict[str, str]:
     }
 
 
+IN_MEMORY_HASH = 'sha256 of the NIfTI header block, then of the float32 voxels in C order'
+"""What ``input_sha256`` covers for an image enhanced in memory (a file's is its bytes)."""
+
+
+@dataclass(frozen=True)
+class EnhancedImage:
+    """What :meth:`Enhancer.enhance` returns: the restored image and its provenance."""
+
+    image: nibabel.Nifti1Image
+    """The restored image on the native 1 mm grid (float32), or the input's voxels on
+    its own grid when it was already at 1 mm or finer (:attr:`skipped`)."""
+    provenance: dict[str, Any]
+    """Every decision, as :meth:`Enhancer.enhance_file` writes it to the JSON sidecar:
+    the input (``input``, ``input_sha256``, its shape and voxel sizes), the routing
+    (``V``, ``A``, ``cell``, ``skipped``), the zoo and the expert (``expert``: cell,
+    file, sha256, substitution), ``device``, ``precision``, tiling, normalisation,
+    ``output_shape`` and ``output_affine``, ``warnings``, ``seconds`` and the
+    ``software`` versions. For an image enhanced in memory ``input`` is None and
+    ``input_hashed`` says what ``input_sha256`` covers
+    (:data:`~cahal_bids.engine.inference.IN_MEMORY_HASH`)."""
+
+    @property
+    def skipped(self) -> bool:
+        """True when the input was already at 1 mm or finer and is returned unchanged."""
+        return bool(self.provenance['skipped'])
+
+    @property
+    def skip_reason(self) -> str | None:
+        """Why the image was returned unchanged (None when it was restored)."""
+        if not self.skipped:
+            return None
+        sizes = ' x '.join(f'{size:g}' for size in self.provenance['voxel_sizes'])
+        return (
+            f'already at 1 mm or finer along every axis ({sizes} mm): routing skips it, '
+            'so it is returned unchanged'
+        )
+
+
 @dataclass(frozen=True)
 class EnhanceResult:
     """What :meth:`Enhancer.enhance_file` wrote."""
 
     output_path: Path
+    """The restored image (``.nii`` or ``.nii.gz``)."""
     sidecar_path: Path
+    """Its JSON sidecar (:func:`sidecar_path_for`)."""
     sidecar: dict[str, Any]
+    """The sidecar's content, the :attr:`EnhancedImage.provenance` of the file."""
 
 
 class Enhancer:
     """Serve one zoo's experts to many images.
 
+    >>> enhancer = Enhancer('T1w', device='cpu')  # doctest: +SKIP
+    >>> enhancer.enhance(nibabel.load('sub-01_T1w.nii.gz')).image.shape  # doctest: +SKIP
+    (182, 218, 182)
+
     Parameters
     ----------
     zoo
-        An opened :class:`~cahal_bids.engine.zoo.Zoo`.
+        ``'T1w'`` or ``'FLAIR'``: the zoo shipped with the package for that modality
+        (:func:`~cahal_bids.engine.zoo.default_zoo_path`); any other string or path:
+        the zoo folder there (write ``'./T1w'`` for a folder of that name); or an
+        opened :class:`~cahal_bids.engine.zoo.Zoo`, used as it is. The zoo is opened
+        (and every expert's sha256 checked) once, here.
     device
-        A torch device (see :func:`resolve_device`).
+        ``'auto'`` (CUDA when available, else the CPU), ``'cpu'``, ``'cuda'``,
+        ``'cuda:N'`` (see :func:`resolve_device`) or a :class:`torch.device`.
     tile_size
         Cubic tile edge in voxels; ``None`` picks the largest that fits in the
         memory available on ``device``.
@@ -166,9 +228,9 @@ class Enhancer:
 
     def __init__(
         self,
-        zoo: Zoo,
+        zoo: Zoo | str | os.PathLike[str],
         *,
-        device: torch.device,
+        device: torch.device | str = 'auto',
         tile_size: int | None = None,
         overlap: float = 0.5,
         progress: bool = False,
@@ -178,8 +240,9 @@ class Enhancer:
             raise ValueError(f'tile_size must be at least 8 voxels, got {tile_size}')
         if precision not in PRECISIONS:
             raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}')
+        device = resolve_device(device) if isinstance(device, str) else device
         self.precision = resolve_precision(precision, device)
-        self.zoo = zoo
+        self.zoo = _open_zoo(zoo)
         self.device = device
         self.tile_size = tile_size
         self.overlap = overlap
@@ -366,22 +429,38 @@ class Enhancer:
         }
         return np.ascontiguousarray(output), grid.affine, details
 
-    def enhance_file(
-        self, input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]
-    ) -> EnhanceResult:
-        """Enhance one NIfTI file and write the result and its JSON sidecar."""
-        from cahal_bids.core.nifti import load_image, save_image
+    def enhance(self, image: nibabel.Nifti1Image) -> EnhancedImage:
+        """Restore an in-memory NIfTI-1/NIfTI-2 image (e.g. from :func:`nibabel.load`).
+
+        The image is validated as a file is (:func:`~cahal_bids.core.nifti.validate_image`:
+        :class:`~cahal_bids.core.errors.InvalidImageError` for NaN voxels, several
+        volumes, a singular affine...), routed by its voxel sizes and restored by one
+        expert; an image already at 1 mm or finer along every axis comes back unchanged
+        (same grid, same values as float32; :attr:`EnhancedImage.skip_reason`). The
+        restored image is the one :meth:`enhance_file` writes for the same image.
+        """
+        from cahal_bids.core.nifti import validate_image
 
         started = time.perf_counter()
-        source = Path(input_path)
-        target = Path(output_path)
-        if target.exists() and source.exists() and target.resolve() == source.resolve():
-            raise CahalError(f'{target}: refusing to overwrite the input image')
-        image = load_image(source)
+        loaded = validate_image(image)
+        digest = hashlib.sha256(loaded.header.binaryblock)
+        digest.update(loaded.data.data)  # C-contiguous float32: hashed without a copy
+        source = {
+            'input': None,
+            'input_sha256': digest.hexdigest(),
+            'input_hashed': IN_MEMORY_HASH,
+        }
+        return self._enhance(loaded, source, started)
+
+    def _enhance(
+        self, image: LoadedImage, source: dict[str, Any], started: float
+    ) -> EnhancedImage:
+        """Route and restore a validated image; ``source`` opens the provenance."""
+        from cahal_bids.core.nifti import nifti_image
+
         decision = route(image.voxel_sizes)
-        sidecar: dict[str, Any] = {
-            'input': str(source),
-            'input_sha256': _sha256(source),
+        provenance: dict[str, Any] = {
+            **source,
             'shape': list(image.shape),
             'voxel_sizes': list(image.voxel_sizes),
             'routed_voxel_sizes': list(decision.routed_sizes),
@@ -400,16 +479,42 @@ class Enhancer:
         }
         if decision.skip:
             output, affine = image.data, image.affine
-            sidecar.update(expert=None, tile_size=None)
+            provenance.update(expert=None, tile_size=None)
         else:
             output, affine, details = self.restore(image.data, image.affine, decision)
-            sidecar.update(details)
-        sidecar['output_shape'] = list(output.shape)
-        sidecar['output_affine'] = np.asarray(affine).tolist()
+            provenance.update(details)
+        provenance['output_shape'] = list(output.shape)
+        provenance['output_affine'] = np.asarray(affine).tolist()
+        restored = nifti_image(output, affine, header_like=image.header)
+        provenance['seconds'] = round(time.perf_counter() - started, 3)
+        provenance['software'] = software_versions()
+        return EnhancedImage(image=restored, provenance=provenance)
+
+    def enhance_file(
+        self, input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]
+    ) -> EnhanceResult:
+        """Enhance one NIfTI file and write the result and its JSON sidecar.
+
+        The file is loaded and validated (:func:`~cahal_bids.core.nifti.load_image`),
+        restored as :meth:`enhance` restores an image, then the image and the sidecar
+        (the provenance, with ``input`` the file and ``input_sha256`` its bytes' sha256,
+        ``seconds`` including the write) are written atomically.
+        """
+        from cahal_bids.core.nifti import load_image, write_image
+        from cahal_bids.engine.zoo import file_sha256
+
+        started = time.perf_counter()
+        source = Path(input_path)
+        target = Path(output_path)
+        if target.exists() and source.exists() and target.resolve() == source.resolve():
+            raise CahalError(f'{target}: refusing to overwrite the input image')
+        image = load_image(source)
+        origin = {'input': str(source), 'input_sha256': file_sha256(source)}
+        enhanced = self._enhance(image, origin, started)
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_image(output, affine, target, header_like=image.header)
+        write_image(enhanced.image, target)
+        sidecar = enhanced.provenance
         sidecar['seconds'] = round(time.perf_counter() - started, 3)
-        sidecar['software'] = software_versions()
         sidecar_file = sidecar_path_for(target)
         write_json_atomic(sidecar_file, sidecar)
         return EnhanceResult(output_path=target, sidecar_path=sidecar_file, sidecar=sidecar)
