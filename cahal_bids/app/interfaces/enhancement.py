@@ -7,6 +7,7 @@ from pathlib import Path
 
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
+    Directory,
     File,
     SimpleInterface,
     TraitedSpec,
@@ -53,8 +54,15 @@ class DenoiseImage(SimpleInterface):
 
 class _CahalEnhanceInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc='low-resolution image')
-    zoo = traits.Str(mandatory=True, desc='zoo folder')
-    zoo_id = traits.Str(mandatory=True, desc='zoo name, version and manifest hash (cache key)')
+    # The zoo enters the cache key through its manifest, which lists every expert's
+    # sha256: a file input, so Nipype hashes its content (or its size and time stamp,
+    # with hash_method=timestamp), not its path. Replacing the weights in the same folder
+    # rewrites the manifest and reruns the node; moving the zoo elsewhere does not.
+    zoo = Directory(mandatory=True, nohash=True, desc='zoo folder (hashed through zoo_manifest)')
+    zoo_manifest = File(
+        mandatory=True, desc="the zoo's manifest.json (cache key: the zoo's content)"
+    )
+    zoo_id = traits.Str(desc='optional label of the zoo, e.g. its name and version (cache key)')
     device = traits.Enum('auto', 'cpu', 'cuda', usedefault=True, desc='torch device')
     precision = traits.Enum(
         'auto', 'fp32', 'bf16', usedefault=True, desc='expert arithmetic (auto: bf16 if native)'
@@ -77,15 +85,16 @@ class CahalEnhance(SimpleInterface):
     def _run_interface(self, runtime):
         import torch
 
-        from cahal_bids.engine.inference import Enhancer, resolve_device
-        from cahal_bids.engine.zoo import Zoo
+        from cahal_bids.engine.inference import Enhancer
+        from cahal_bids.engine.zoo import MANIFEST_NAME
 
+        zoo = Path(self.inputs.zoo)
+        if Path(self.inputs.zoo_manifest).resolve() != (zoo / MANIFEST_NAME).resolve():
+            raise ValueError(
+                f'zoo_manifest {self.inputs.zoo_manifest} is not the manifest of the zoo {zoo}'
+            )
         torch.set_num_threads(max(1, self.inputs.num_threads))
-        enhancer = Enhancer(
-            Zoo.open(self.inputs.zoo),
-            device=resolve_device(self.inputs.device),
-            precision=self.inputs.precision,
-        )
+        enhancer = Enhancer(zoo, device=self.inputs.device, precision=self.inputs.precision)
         result = enhancer.enhance_file(
             self.inputs.in_file, _output_name(self.inputs.in_file, 'cahal')
         )

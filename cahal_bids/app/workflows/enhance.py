@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
@@ -10,6 +12,7 @@ from cahal_bids import __version__
 from cahal_bids.app.boilerplate import package_version
 from cahal_bids.app.interfaces.enhancement import CahalEnhance, DenoiseImage
 from cahal_bids.app.interfaces.reports import ComparisonFigure
+from cahal_bids.engine.zoo import MANIFEST_NAME
 
 __all__ = ['init_enhance_wf']
 
@@ -51,9 +54,15 @@ def init_enhance_wf(
     device
         ``'auto'``, ``'cpu'`` or ``'cuda'``.
     zoo
-        Folder of the expert zoo for this modality.
+        Folder of the expert zoo for this modality (absolute: nodes run in their own
+        folders). The enhancement node's cache key is the content of the zoo's
+        ``manifest.json`` (which lists every expert's sha256), not the folder's path, so
+        replacing the weights in place reruns it.
     omp_nthreads
         Threads for ANTs and torch inside each node.
+    zoo_id
+        An optional label of the zoo (``cahal-bids`` passes its name, version and manifest
+        hash), added to the cache key.
 
     Inputs
     ------
@@ -99,7 +108,8 @@ def init_enhance_wf(
     enhance = pe.Node(
         CahalEnhance(
             zoo=zoo,
-            zoo_id=zoo_id or zoo,
+            zoo_manifest=os.path.join(zoo, MANIFEST_NAME),
+            **({'zoo_id': zoo_id} if zoo_id else {}),
             device=device,
             precision=precision,
             num_threads=omp_nthreads,
