@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / 'docs'
 PAGES = (
     'installation', 'quickstart', 'usage', 'cli', 'outputs', 'troubleshooting', 'hpc',
-    'embedding', 'training', 'method', 'workflows', 'changes',
+    'embedding', 'api', 'training', 'method', 'workflows', 'changes',
 )  # fmt: skip
 
 
@@ -73,6 +73,13 @@ def test_docs_build_without_warnings(tmp_path):
     for factory in ('init_single_subject_wf', 'init_enhance_wf', 'init_register_wf',
                     'init_ds_enhanced_wf', 'init_cahal_wf'):  # fmt: skip
         assert re.search(rf'id="cahal_bids\.app\.workflows\.\w+\.{factory}"', workflows), factory
+
+    # the API page documents what `from cahal_bids import ...` gives, with the one-liner
+    api = (html / 'api.html').read_text()
+    for name in ('Enhancer', 'Enhancer.enhance', 'Enhancer.enhance_file', 'EnhancedImage'):
+        assert f'id="cahal_bids.engine.inference.{name}"' in api, name
+    assert 'id="cahal_bids.engine.zoo.Zoo"' in api
+    assert "cahal_bids.Enhancer(zoo='T1w').enhance(nib.load('x.nii.gz')).image.shape" in api
 
     # the command-line reference comes from the parsers themselves
     cli = (html / 'cli.html').read_text()

@@ -123,7 +123,7 @@ class Route:
     voxel_sizes: tuple[float, float, float]
     """Header voxel sizes in mm, as given."""
     routed_sizes: tuple[float, float, float]
-    """Voxel sizes clipped to at least 1 mm: what V and A are computed from."""
+    """Voxel sizes clipped to at least 1 mm (what V and A are computed from)."""
     volume: float
     """V = product of the routed sizes, in mm^3."""
     anisotropy: float

@@ -318,7 +318,7 @@ class ResidualUNet3D(nn.Module):
 
     @property
     def receptive_field_radius(self) -> int:
-        """Bound on how far an output voxel looks: the tiling ``margin`` for exact tiles."""
+        """How far an output voxel looks, at most (the tiling ``margin`` for exact tiles)."""
         return self.norm_receptive_radii()[-1]
 
     @contextmanager
