@@ -268,12 +268,14 @@ def _validated_geometry(
     return affine, voxel_sizes, warnings
 
 
-def _check_type(image: object, path: Path | None) -> None:
+def _as_nifti(image: object, path: Path | None) -> nib.Nifti1Image:
+    """``image`` itself when it is a NIfTI-1 or NIfTI-2 image; any other type raises."""
     if not isinstance(image, nib.Nifti1Image):  # Nifti2Image is a subclass
         read_as = 'got' if path is None else 'read as'
         raise InvalidImageError(
             path, f'not a single-file NIfTI-1/NIfTI-2 image ({read_as} {type(image).__name__})'
         )
+    return image
 
 
 def _validated_header(
@@ -308,11 +310,11 @@ def _open(path: str | PathLike[str]) -> tuple[nib.Nifti1Image, LoadedHeader]:
         raise InvalidImageError(
             file, f'not a readable NIfTI file ({_reason(exc, file)})'
         ) from None
-    _check_type(image, file)
-    loaded = _validated_header(image, file, _raw_pixdim(file, image.header))
+    nifti = _as_nifti(image, file)
+    loaded = _validated_header(nifti, file, _raw_pixdim(file, nifti.header))
     if not file.name.lower().endswith('.gz'):
         _check_size(file, loaded.header, np.dtype(loaded.source_dtype))
-    return image, loaded
+    return nifti, loaded
 
 
 def _check_size(path: Path, header: nib.Nifti1Header, dtype: np.dtype[Any]) -> None:
@@ -389,7 +391,7 @@ def validate_image(image: nib.Nifti1Image) -> LoadedImage:
     >>> validate_image(image).voxel_sizes, validate_image(image).data.dtype
     ((1.0, 1.0, 4.0), dtype('float32'))
     """
-    _check_type(image, None)
+    image = _as_nifti(image, None)
     try:
         twin = type(image)(image.dataobj, image.affine, image.header)
         twin.update_header()

@@ -500,8 +500,8 @@ class Enhancer:
         (the provenance, with ``input`` the file and ``input_sha256`` its bytes' sha256,
         ``seconds`` including the write) are written atomically.
         """
+        from cahal_bids.core.hashing import file_sha256
         from cahal_bids.core.nifti import load_image, write_image
-        from cahal_bids.engine.zoo import file_sha256
 
         started = time.perf_counter()
         source = Path(input_path)
