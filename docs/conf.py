@@ -39,14 +39,14 @@ suppress_warnings: list[str] = []
 # (``Path``, ``npt.ArrayLike``, ``nib.Nifti1Header``).
 _UNLINKED_CLASSES = (
     # standard library
-    'collections.abc.Iterator', 'collections.abc.Mapping', 'collections.abc.Sequence',
+    'collections.abc.Mapping', 'collections.abc.Sequence',
     'os.PathLike', 'PathLike', 'pathlib.Path', 'Path',
-    # NumPy, nibabel, PyTorch, Nipype
+    # NumPy, nibabel, PyTorch, niworkflows
     'numpy.ndarray', 'npt.ArrayLike', 'npt.DTypeLike',
     'nibabel.Nifti1Image', 'nibabel.nifti1.Nifti1Image', 'nibabel.nifti1.Nifti1Header',
     'nib.Nifti1Image', 'nib.Nifti1Header',
     'torch.device', 'torch.Tensor', 'Tensor', 'torch.nn.modules.module.Module',
-    'nipype.pipeline.engine.workflows.Workflow',
+    'niworkflows.engine.workflows.LiterateWorkflow', 'LiterateWorkflow',
 )  # fmt: skip
 _UNLINKED_FUNCTIONS = ('os.replace', 'nibabel.load', 'nibabel.save')
 nitpick_ignore = [('py:class', name) for name in _UNLINKED_CLASSES] + [

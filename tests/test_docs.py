@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / 'docs'
 PAGES = (
     'installation', 'quickstart', 'usage', 'cli', 'outputs', 'troubleshooting', 'hpc',
-    'embedding', 'api', 'training', 'method', 'workflows', 'changes',
+    'embedding', 'api', 'training', 'architecture', 'method', 'workflows', 'changes',
 )  # fmt: skip
 
 
