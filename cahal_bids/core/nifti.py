@@ -3,10 +3,9 @@
 Every problem with an input image is reported as one
 :class:`~cahal_bids.core.errors.InvalidImageError` whose message starts with the file
 name (``<in-memory image>`` for :func:`validate_image`), so a one-line report is enough
-to find the culprit. Problems that do not
-stop processing (qform and sform disagreeing, no orientation at all, header
-pixdim disagreeing with the affine) are returned as human-readable strings in
-``warnings``.
+to find the culprit. Problems that do not stop processing (qform and sform disagreeing,
+no orientation at all, header pixdim disagreeing with the affine) are returned as
+human-readable strings in ``warnings``.
 
 Which affine is used (the rule of :func:`choose_affine`, the same as NIfTI's and
 nibabel's):
@@ -384,8 +383,8 @@ def validate_image(image: nib.Nifti1Image) -> LoadedImage:
     pixdim[1:4] are checked as stored in ``image.header``, before nibabel's fixes. Every
     check of :func:`load_image` on the header, shape, voxel type, geometry and voxel
     values applies; the checks of the file itself (name, size, truncation) have nothing
-    to check. Raises :class:`~cahal_bids.core.errors.InvalidImageError` (its message starts with
-    ``<in-memory image>``).
+    to check. Raises :class:`~cahal_bids.core.errors.InvalidImageError` (its message
+    starts with ``<in-memory image>``).
 
     >>> image = nib.Nifti1Image(np.ones((4, 5, 6), np.int16), np.diag([1, 1, 4, 1]))
     >>> validate_image(image).voxel_sizes, validate_image(image).data.dtype
