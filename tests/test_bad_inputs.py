@@ -20,6 +20,8 @@ from cahal_bids.core.errors import CahalError
 from cahal_bids.core.nifti import load_header, load_image
 from cahal_bids.core.routing import route
 
+from helpers import patch_nifti_header
+
 LOW = (1.0, 1.0, 4.0)
 
 
@@ -201,9 +203,9 @@ HEADER_FIELDS = st.fixed_dictionaries(
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(fields=HEADER_FIELDS)
-def test_fuzzed_headers_load_or_fail_with_a_cahal_error(fields, make_nifti, patch_header):
+def test_fuzzed_headers_load_or_fail_with_a_cahal_error(fields, make_nifti):
     path = make_nifti(shape=(6, 6, 3), zooms=LOW, name='fuzz.nii')
-    patch_header(path, **{k: np.asarray(v) for k, v in fields.items()})
+    patch_nifti_header(path, **{k: np.asarray(v) for k, v in fields.items()})
     try:
         header = load_header(path)
         image = load_image(path)

@@ -21,6 +21,8 @@ from cahal_bids.evaluation.protocol import (
     trilinear,
 )
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 
 def _phantom(shape=(30, 34, 28)):
     grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing='ij')
@@ -60,7 +62,6 @@ def test_baselines_reproduce_smooth_signals_and_are_consistent():
 
 def test_protocol_with_an_identity_zoo(make_zoo):
     truth, mask = _phantom()
-    torch.set_num_threads(1)
     enhancer = Enhancer(Zoo.open(make_zoo('identity', head_scale=0.0)), device=torch.device('cpu'))
     cells = ['V2A3', 'V5A1']
     cases = evaluate_volume(
