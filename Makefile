@@ -14,11 +14,12 @@ PYTEST_ARGS ?=
 # Debian packages the Slurm and browser tests need: package=command that proves it is there
 SYSTEM_DEPS ?= slurm-wlm=slurmctld munge=munged chromium=chromium
 
-.PHONY: help venv demo test lint clean system-deps
+.PHONY: help venv demo test test-fast lint clean system-deps
 
 help:
 	@echo 'make demo   set up .venv and run cahal-bids on an embedded default'
 	@echo 'make test   set up .venv and run the whole test suite'
+	@echo 'make test-fast  the unit tests only (no slow, shared-data, Slurm or browser tests)'
 	@echo 'make lint   ruff on the package, tests, examples and benchmarks'
 	@echo 'make docs   build the Sphinx documentation into docs/_build/html (warnings are errors)'
 	@echo 'make system-deps  install the Debian packages the Slurm and browser tests use (root)'
@@ -60,6 +61,12 @@ system-deps:
 
 test: system-deps $(STAMP)
 	NIPYPE_NO_ET=1 $(VPY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop while editing: what `make test` runs less the tests marked slow (full
+# BIDS-App runs, training, shipped zoos), shared_data, slurm or browser. CI runs `make test`.
+FAST_MARKERS := not slow and not shared_data and not slurm and not browser
+test-fast: $(STAMP)
+	NIPYPE_NO_ET=1 $(VPY) -m pytest -m '$(FAST_MARKERS)' $(PYTEST_ARGS)
 
 .PHONY: docs
 docs: $(STAMP)

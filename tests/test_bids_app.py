@@ -31,6 +31,8 @@ from cahal_bids.cli import run
 from cahal_bids.cli.parser import build_parser, memory_gb
 from cahal_bids.core.grid import native_grid
 
+from helpers import write_app_assets, write_bids_dataset
+
 IMAGES = [
     ('sub-01/anat/sub-01_T1w.nii.gz', (1.0, 1.0, 4.0)),
     ('sub-01/anat/sub-01_FLAIR.nii.gz', (1.0, 1.0, 5.0)),
@@ -48,17 +50,8 @@ def _tree_digest(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope='module')
-def assets(tmp_path_factory, dataset_factories) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp('bids_app')
-    make = dataset_factories
-    return {
-        'bids': make['bids'](root / 'bids', IMAGES),
-        'template': make['template'](root / 'tpl-Phantom_T1w.nii.gz'),
-        't1w_zoo': make['zoo'](root / 'zoo-t1w'),
-        'flair_zoo': make['zoo'](root / 'zoo-flair', modality='FLAIR'),
-        'root': root,
-        'factories': make,
-    }
+def assets(tmp_path_factory) -> dict[str, Path]:
+    return write_app_assets(tmp_path_factory.mktemp('bids_app'), IMAGES)
 
 
 def _argv(assets, out: Path, work: Path, *extra: str) -> list[str]:
@@ -445,7 +438,7 @@ def test_rerun_with_the_same_work_dir_recomputes_nothing(full_run, assets):
 def test_failing_images_do_not_stop_the_others(assets, tmp_path, capsys):
     import gzip
 
-    bids = assets['factories']['bids'](
+    bids = write_bids_dataset(
         tmp_path / 'bids',
         [('sub-01/anat/sub-01_T1w.nii.gz', (1.0, 1.0, 4.0)),
          ('sub-02/anat/sub-02_T1w.nii.gz', (1.0, 1.0, 4.0)),

@@ -11,6 +11,8 @@ import torch
 
 from cahal_bids.cli import evaluate
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 
 def _brain(shape=(40, 44, 38)):
     grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing='ij')
@@ -21,7 +23,6 @@ def _brain(shape=(40, 44, 38)):
 
 
 def test_eval_writes_cases_and_tables(tmp_path, make_nifti, make_zoo, capsys):
-    torch.set_num_threads(1)
     source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0), name='sub-01_T1w.nii.gz')
     zoo = make_zoo('identity', head_scale=0.0)
     out = tmp_path / 'eval'
@@ -102,7 +103,6 @@ def _run_eval(source, zoo, out, *extra):
 
 
 def test_eval_resumes_finished_cells(tmp_path, make_nifti, make_zoo, capsys, monkeypatch):
-    torch.set_num_threads(1)
     source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0), name='sub-01_T1w.nii.gz')
     zoo = make_zoo('identity', head_scale=0.0)
     out = tmp_path / 'eval'
@@ -134,7 +134,6 @@ def test_eval_reevaluates_only_the_cells_whose_expert_changed(
 ):
     import cahal_bids.evaluation.protocol as evaluation
 
-    torch.set_num_threads(1)
     source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0), name='sub-01_T1w.nii.gz')
     zoo = make_zoo('first', head_scale=0.0)
     out = tmp_path / 'eval'
@@ -162,7 +161,6 @@ def test_eval_reevaluates_only_the_cells_whose_expert_changed(
 def test_eval_reevaluates_when_the_axis_order_changes(
     tmp_path, make_nifti, make_zoo, capsys, monkeypatch
 ):
-    torch.set_num_threads(1)
     source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0), name='sub-01_T1w.nii.gz')
     zoo = make_zoo('zoo', head_scale=0.2, cells=['V3A2', 'V6A1'])
     out = tmp_path / 'eval'
@@ -199,7 +197,6 @@ def test_eval_runs_a_command_line_method(tmp_path, make_nifti, make_zoo, capsys)
     as the built-in CAHAL path; and a tool writing on another grid is resampled."""
     import sys
 
-    torch.set_num_threads(1)
     source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0), name='sub-01_T1w.nii.gz')
     zoo = make_zoo('identity', head_scale=0.0)
     out = tmp_path / 'eval'

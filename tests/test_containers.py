@@ -29,6 +29,8 @@ from packaging.utils import canonicalize_name
 
 import cahal_bids
 
+from helpers import write_app_assets
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / 'containers' / 'Dockerfile'
 APPTAINER_DEF = REPO / 'containers' / 'Apptainer.def'
@@ -738,7 +740,7 @@ def _venv_environment(venv: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_replay_dockerfile_install_and_run(tmp_path, dataset_factories, record_property):
+def test_replay_dockerfile_install_and_run(tmp_path, record_property):
     """The Dockerfile's build and install steps, replayed in a fresh venv (no system site
     packages), make a working cahal-bids: ``--version`` and a tiny participant run."""
     _, stages = read_stages(DOCKERFILE)
@@ -779,15 +781,15 @@ def test_replay_dockerfile_install_and_run(tmp_path, dataset_factories, record_p
     version = run(str(venv / 'bin' / 'cahal-bids'), '--version')
     assert version.stdout.strip() == f'cahal-bids {cahal_bids.__version__}'
 
-    make = dataset_factories
-    bids = make['bids'](tmp_path / 'bids', [('sub-01/anat/sub-01_T1w.nii.gz', (1.0, 1.0, 4.0))])
-    template = make['template'](tmp_path / 'tpl-Phantom_T1w.nii.gz')
-    zoo = make['zoo'](tmp_path / 'zoo-t1w')
+    assets = write_app_assets(
+        tmp_path, [('sub-01/anat/sub-01_T1w.nii.gz', (1.0, 1.0, 4.0))], modalities=('T1w',)
+    )
     out = tmp_path / 'out'
     run_started = time.monotonic()
     run(
-        str(venv / 'bin' / 'cahal-bids'), str(bids), str(out), 'participant',
-        '-w', str(tmp_path / 'work'), '--zoo', str(zoo), '--template-file', str(template),
+        str(venv / 'bin' / 'cahal-bids'), str(assets['bids']), str(out), 'participant',
+        '-w', str(tmp_path / 'work'), '--zoo', str(assets['t1w_zoo']),
+        '--template-file', str(assets['template']),
         '--template-name', 'Phantom', '--sloppy', '--no-denoise', '--nprocs', '1',
         '--omp-nthreads', '1',
     )  # fmt: skip

@@ -21,6 +21,8 @@ from cahal_bids.evaluation.protocol import (
     trilinear,
 )
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 
 def _phantom(shape=(30, 34, 28)):
     grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing='ij')
@@ -60,7 +62,6 @@ def test_baselines_reproduce_smooth_signals_and_are_consistent():
 
 def test_protocol_with_an_identity_zoo(make_zoo):
     truth, mask = _phantom()
-    torch.set_num_threads(1)
     enhancer = Enhancer(Zoo.open(make_zoo('identity', head_scale=0.0)), device=torch.device('cpu'))
     cells = ['V2A3', 'V5A1']
     cases = evaluate_volume(
@@ -99,5 +100,16 @@ def test_flat_regions_are_left_alone_by_an_identity_expert(make_zoo):
         precision='fp32',
     )
     changes = flat_region_changes(enhancer, (40, 36, 12))
+    assert set(changes) == set(images)  # every flat image was restored and measured
     for change in changes.values():
+        assert set(change) == {'mean_percent', 'p95_percent', 'max_percent'}
         assert change['max_percent'] < 1e-3, changes
+    # the measure sees what an expert adds: random heads change every flat image
+    noisy = Enhancer(
+        Zoo.open(make_zoo('random', head_scale=0.05)),
+        device=torch.device('cpu'),
+        precision='fp32',
+    )
+    added = flat_region_changes(noisy, (40, 36, 12))
+    assert set(added) == set(images)
+    assert all(change['mean_percent'] > 0.1 for change in added.values()), added

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import l1_loss
+
 RECIPES = Path(__file__).resolve().parents[1] / 'examples'
 
 
@@ -56,15 +58,11 @@ def test_export_checkpoint_zoo_recipe(tmp_path):
     from cahal_bids.training.fit import TrainingSchedule, fit
     from cahal_bids.training.pairs import PairStream, TrainingVolume
 
-    def l1(prediction, target):
-        loss = (prediction - target).abs().mean()
-        return loss, {'l1': float(loss.detach())}
-
     image = np.random.default_rng(0).random((20, 20, 20)).astype(np.float32)
     stream = PairStream([TrainingVolume(image=image, head_mask=image > 0.1, name='x')],
                         CellSampler('V2A3'), patch_size=8, batch_size=1, seed=0)  # fmt: skip
     network = ResidualUNet3D(levels=2, initial_filters=2)
-    fit(network, stream, l1, run_dir=tmp_path / 'run', schedule=TrainingSchedule(max_steps=1),
+    fit(network, stream, l1_loss, run_dir=tmp_path / 'run', schedule=TrainingSchedule(max_steps=1),
         progress=False)  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(RECIPES / 'export_checkpoint_zoo.py'), str(tmp_path / 'run'),

@@ -15,26 +15,15 @@ from cahal_bids.engine.activation_memory import estimate_peak_bytes_per_voxel
 from cahal_bids.engine.networks import FreezableInstanceNorm3d, ResidualUNet3D, count_parameters
 from cahal_bids.engine.norm_statistics import estimate_norm_statistics
 
-
-def _volume(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """Smooth random intensities in about [0, 3] with a little noise, like an MR image."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.avg_pool3d(torch.rand(shape, generator=g), 5, 1, 2)
-    return 3 * x + 0.1 * torch.rand(shape, generator=g)
-
+from helpers import random_net, smooth_volume
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def _random_net(**kwargs: object) -> ResidualUNet3D:
-    torch.manual_seed(0)
-    return ResidualUNet3D(zero_init_head=False, **kwargs).eval()  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize('levels', [1, 2, 3, 4])
 def test_output_shape_matches_odd_input(levels: int) -> None:
-    net = _random_net(levels=levels, initial_filters=4)
-    x = _volume((2, 1, 13, 17, 9))
+    net = random_net(levels=levels, initial_filters=4)
+    x = smooth_volume((2, 1, 13, 17, 9))
     with torch.no_grad():
         y = net(x)
     assert y.shape == x.shape
@@ -44,7 +33,7 @@ def test_output_shape_matches_odd_input(levels: int) -> None:
 
 @pytest.mark.parametrize('shape', [(1, 2, 11), (8, 8, 8), (1, 1, 1), (3, 5, 2)])
 def test_tiny_axes_are_padded_by_replication(shape: tuple[int, int, int]) -> None:
-    net = _random_net(levels=4, initial_filters=4)
+    net = random_net(levels=4, initial_filters=4)
     with torch.no_grad():
         y = net(torch.rand(1, 1, *shape))
     assert y.shape == (1, 1, *shape)
@@ -53,7 +42,7 @@ def test_tiny_axes_are_padded_by_replication(shape: tuple[int, int, int]) -> Non
 
 def test_zero_init_head_is_exact_identity_and_trainable() -> None:
     net = ResidualUNet3D(levels=3, initial_filters=4)
-    x = _volume((1, 1, 13, 17, 9))
+    x = smooth_volume((1, 1, 13, 17, 9))
     y = net(x)
     assert torch.equal(y, x)
     (y - 2 * x).square().mean().backward()
@@ -65,7 +54,7 @@ def test_non_residual_path_and_channels() -> None:
     net = ResidualUNet3D(
         in_channels=2, out_channels=3, levels=2, initial_filters=4, residual=False
     )
-    x = _volume((1, 2, 8, 9, 10))
+    x = smooth_volume((1, 2, 8, 9, 10))
     with torch.no_grad():
         y = net(x)
     assert y.shape == (1, 3, 8, 9, 10)
@@ -161,26 +150,26 @@ def test_count_parameters_trainable_only() -> None:
 def test_paper_size_network_runs_on_small_input() -> None:
     net = ResidualUNet3D()  # levels=4, initial_filters=64
     assert count_parameters(net) == _formula(64)
-    x = _volume((1, 1, 16, 16, 16))
+    x = smooth_volume((1, 1, 16, 16, 16))
     with torch.no_grad():
         y = net(x)
     assert torch.equal(y, x)
 
 
 def test_forward_is_deterministic() -> None:
-    net = _random_net(levels=3, initial_filters=4)
-    x = _volume((1, 1, 20, 18, 22))
+    net = random_net(levels=3, initial_filters=4)
+    x = smooth_volume((1, 1, 20, 18, 22))
     with torch.no_grad():
         assert net(x).numpy().tobytes() == net(x).numpy().tobytes()
 
 
 def test_receptive_field_radius_bounds_the_reach() -> None:
     """Beyond ``receptive_field_radius`` of a cut, a cropped input gives exact outputs."""
-    net = _random_net(levels=3, initial_filters=4)
+    net = random_net(levels=3, initial_filters=4)
     radius = net.receptive_field_radius
     assert radius == 26
     assert net.norm_receptive_radii() == [1, 2, 5, 7, 13, 17, 21, 23, 25, 26]
-    x = _volume((1, 1, 16, 16, 72))
+    x = smooth_volume((1, 1, 16, 16, 72))
     with torch.no_grad():
         whole = net(x)
         with net.frozen_norm_statistics(estimate_norm_statistics(net, x)):
@@ -192,15 +181,15 @@ def test_receptive_field_radius_bounds_the_reach() -> None:
 
 
 def test_frozen_whole_statistics_reproduce_instance_norm() -> None:
-    net = _random_net(levels=3, initial_filters=4)
-    x = _volume((1, 1, 20, 18, 22))  # padded to 20x20x24 inside
+    net = random_net(levels=3, initial_filters=4)
+    x = smooth_volume((1, 1, 20, 18, 22))  # padded to 20x20x24 inside
     with torch.no_grad():
         expected = net(x)
         stats = estimate_norm_statistics(net, x)
         assert len(stats.layers) == len(net.norm_layers()) == 10
         with net.frozen_norm_statistics(stats):
             frozen = net(x)
-            other = net(_volume((1, 1, 20, 18, 22), seed=1))
+            other = net(smooth_volume((1, 1, 20, 18, 22), seed=1))
         assert net.norm_layers()[0]._frozen is None  # restored on exit
     scale = float(expected.max() - expected.min())
     assert float((frozen - expected).abs().max()) <= 1e-5 * scale
@@ -213,8 +202,8 @@ def test_frozen_whole_statistics_reproduce_instance_norm() -> None:
 def test_blockwise_statistics_equal_whole_statistics(
     levels: int, shape: tuple[int, int, int], block: int
 ) -> None:
-    net = _random_net(levels=levels, initial_filters=4)
-    x = _volume((1, 1, *shape))
+    net = random_net(levels=levels, initial_filters=4)
+    x = smooth_volume((1, 1, *shape))
     with torch.no_grad():
         whole = estimate_norm_statistics(net, x)
         blocks = estimate_norm_statistics(net, x, block_size=block)  # exact halos
@@ -225,7 +214,7 @@ def test_blockwise_statistics_equal_whole_statistics(
 
 def test_blockwise_statistics_validation() -> None:
     net = ResidualUNet3D(levels=3, initial_filters=4)
-    x = _volume((1, 1, 80, 20, 16))
+    x = smooth_volume((1, 1, 80, 20, 16))
     with pytest.raises(ValueError, match='no core'):
         estimate_norm_statistics(net, x, block_size=56)  # halo 28 for the deepest layers
     with pytest.raises(ValueError, match='block_size'):

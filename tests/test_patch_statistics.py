@@ -17,6 +17,8 @@ from cahal_bids.engine.patch_statistics import (
 )
 from cahal_bids.engine.zoo import MANIFEST_NAME, Zoo, ZooError
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 
 def _network(seed: int = 0) -> ResidualUNet3D:
     torch.manual_seed(seed)

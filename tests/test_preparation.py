@@ -32,7 +32,7 @@ from cahal_bids.training.preparation import (
     prepare_image,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data'
+from helpers import SHARED_DATA
 
 # Semi-axes (mm) of nested ellipsoids centred at the world origin: white matter
 # inside grey matter inside a CSF layer, with CSF ventricles in the white matter.

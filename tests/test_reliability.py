@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_captured, write_app_assets
+
 PACKAGE = Path(__file__).resolve().parents[1] / 'cahal_bids'
 IMAGES = [
     ('sub-01/anat/sub-01_T1w.nii.gz', (1.0, 1.0, 4.0)),
@@ -24,16 +26,8 @@ VOLATILE_SIDECAR_KEYS = ('seconds',)
 
 
 @pytest.fixture(scope='module')
-def assets(tmp_path_factory, dataset_factories) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp('reliability')
-    make = dataset_factories
-    return {
-        'bids': make['bids'](root / 'bids', IMAGES),
-        'template': make['template'](root / 'tpl.nii.gz'),
-        't1w_zoo': make['zoo'](root / 'zoo-t1w'),
-        'flair_zoo': make['zoo'](root / 'zoo-flair', modality='FLAIR'),
-        'root': root,
-    }
+def assets(tmp_path_factory) -> dict[str, Path]:
+    return write_app_assets(tmp_path_factory.mktemp('reliability'), IMAGES)
 
 
 def _command(assets, out: Path, work: Path, nprocs: int) -> list[str]:
@@ -69,14 +63,10 @@ def _derivatives(out: Path) -> dict[str, object]:
     return content
 
 
-def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, check=False, **kwargs)
-
-
 @pytest.fixture(scope='module')
 def reference_run(assets):
     out, work = assets['root'] / 'out-1', assets['root'] / 'work-1'
-    result = _run(_command(assets, out, work, nprocs=1))
+    result = run_captured(_command(assets, out, work, nprocs=1))
     assert result.returncode == 0, result.stderr[-3000:]
     return _derivatives(out)
 
@@ -84,7 +74,7 @@ def reference_run(assets):
 @pytest.mark.slow
 def test_outputs_are_identical_across_runs_and_process_counts(assets, reference_run):
     out, work = assets['root'] / 'out-2', assets['root'] / 'work-2'
-    result = _run(_command(assets, out, work, nprocs=2))
+    result = run_captured(_command(assets, out, work, nprocs=2))
     assert result.returncode == 0, result.stderr[-3000:]
     again = _derivatives(out)
     assert sorted(again) == sorted(reference_run)
@@ -135,7 +125,7 @@ def test_interrupted_run_resumes_to_the_same_derivatives(assets, reference_run, 
         import nibabel as nib
 
         assert nib.load(path).get_fdata().size > 0
-    result = _run(_command(assets, out, work, nprocs=2))
+    result = run_captured(_command(assets, out, work, nprocs=2))
     assert result.returncode == 0, result.stderr[-3000:]
     assert _derivatives(out) == reference_run
     assert not list(out.rglob('.*.tmp*'))
@@ -189,17 +179,18 @@ def test_runs_without_any_network_access(assets, tmp_path):
     (guard / 'sitecustomize.py').write_text(NO_NETWORK)
     env = {key: value for key, value in os.environ.items() if key != 'NIPYPE_NO_ET'}
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(guard), env.get('PYTHONPATH')]))
-    probe = _run([sys.executable, '-c', 'import socket; socket.getaddrinfo("pypi.org", 443)'],
-                 env=env)  # fmt: skip
+    probe = run_captured(
+        [sys.executable, '-c', 'import socket; socket.getaddrinfo("pypi.org", 443)'], env=env
+    )
     assert 'network access attempted' in probe.stderr  # the guard is active
     out = tmp_path / 'out'
     command = _command(assets, out, tmp_path / 'work', nprocs=2)
     command += ['--participant-label', '02']
-    result = _run(command, env=env)
+    result = run_captured(command, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'network access attempted' not in result.stderr
     assert (out / 'sub-02' / 'anat' / 'sub-02_desc-cahal_T1w.nii.gz').is_file()
-    enhance = _run(
+    enhance = run_captured(
         [sys.executable, '-m', 'cahal_bids.cli.enhance',
          str(assets['bids'] / 'sub-02/anat/sub-02_T1w.nii.gz'), str(tmp_path / 'e.nii.gz'),
          '--zoo', str(assets['t1w_zoo'])],
@@ -218,7 +209,7 @@ def test_dependency_audit():
     if executable is None:
         pytest.skip('pip-audit is not installed (pip install -e .[dev])')
     try:
-        result = _run(
+        result = run_captured(
             [executable, '--vulnerability-service', 'pypi', '--progress-spinner', 'off',
              '--skip-editable', '--format', 'json'],
             timeout=180,

@@ -25,6 +25,8 @@ import pytest
 
 from cahal_bids.cli import run
 
+from helpers import write_app_assets
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 BROWSERS = ('chromium', 'chromium-browser', 'google-chrome', 'google-chrome-stable')
@@ -221,17 +223,15 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope='module')
-def report(tmp_path_factory, dataset_factories) -> Path:
+def report(tmp_path_factory) -> Path:
     """One small participant run (T1w and FLAIR, registered): its ``sub-01.html``."""
     root = tmp_path_factory.mktemp('report_browser')
-    make = dataset_factories
-    bids = make['bids'](root / 'bids', IMAGES)
+    assets = write_app_assets(root, IMAGES)
     out = root / 'out'
     argv = [
-        str(bids), str(out), 'participant', '-w', str(root / 'work'),
-        '--zoo', str(make['zoo'](root / 'zoo-t1w')),
-        str(make['zoo'](root / 'zoo-flair', modality='FLAIR')),
-        '--template-file', str(make['template'](root / 'tpl-Phantom_T1w.nii.gz')),
+        str(assets['bids']), str(out), 'participant', '-w', str(root / 'work'),
+        '--zoo', str(assets['t1w_zoo']), str(assets['flair_zoo']),
+        '--template-file', str(assets['template']),
         '--template-name', 'Phantom', '--sloppy', '--nprocs', '2', '--skip-bids-validation',
     ]  # fmt: skip
     assert run.main(argv) == 0

@@ -22,6 +22,8 @@ from cahal_bids.engine.segmenter import (
 from cahal_bids.engine.zoo import file_sha256
 from cahal_bids.training.segmenter import train_segmenter
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 
 def phantom(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Nested ellipsoids: WM core, GM and CSF shells in background, with noise."""

@@ -44,7 +44,9 @@ def test_no_detail_is_invented_on_flat_regions(modality, one_thread):
     coarsely: the FLAIR experts change it by up to 2.2 % there (1.9 % in float32).
     """
     enhancer = Enhancer(_shipped(modality), device=torch.device('cpu'))
-    for name, change in flat_region_changes(enhancer).items():
+    changes = flat_region_changes(enhancer)
+    assert set(changes) == {'constant', 'two halves', 'ramp'}, changes
+    for name, change in changes.items():
         if name == 'constant':
             assert change['mean_percent'] < 1.0, (modality, change)
             assert change['max_percent'] < 2.5, (modality, change)

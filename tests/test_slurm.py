@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import run_captured, write_app_assets
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 PROGRAMS = ('munged', 'mungekey', 'slurmctld', 'slurmd', 'sbatch', 'squeue', 'sinfo', 'sacct')
@@ -312,22 +314,16 @@ def slurm_cluster() -> Iterator[LocalSlurm]:
 
 
 @pytest.fixture(scope='module')
-def assets(tmp_path_factory, dataset_factories) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp('slurm')
-    make = dataset_factories
-    return {
-        'bids': make['bids'](root / 'bids', IMAGES),
-        'template': make['template'](root / 'tpl-Phantom_T1w.nii.gz'),
-        'zoo': make['zoo'](root / 'zoo-t1w'),
-        'root': root,
-    }
+def assets(tmp_path_factory) -> dict[str, Path]:
+    return write_app_assets(tmp_path_factory.mktemp('slurm'), IMAGES, modalities=('T1w',))
 
 
 def _command(assets, out: Path, work: Path, *extra: str) -> list[str]:
     return [
         sys.executable, '-m', 'cahal_bids', str(assets['bids']), str(out), 'participant',
-        '-w', str(work), '--zoo', str(assets['zoo']), '--template-file', str(assets['template']),
-        '--template-name', 'Phantom', '--sloppy', '--no-denoise', '--nprocs', '2',
+        '-w', str(work), '--zoo', str(assets['t1w_zoo']),
+        '--template-file', str(assets['template']), '--template-name', 'Phantom', '--sloppy',
+        '--no-denoise', '--nprocs', '2',
         '--omp-nthreads', '1', '--random-seed', '3', '--skip-bids-validation', *extra,
     ]  # fmt: skip
 
@@ -339,9 +335,7 @@ def _derivative_files(out: Path) -> dict[str, bytes]:
 
 
 def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command, env=env, capture_output=True, text=True, check=False, timeout=RUN_TIMEOUT
-    )
+    return run_captured(command, env=env, timeout=RUN_TIMEOUT)
 
 
 def _environment(base: dict[str, str]) -> dict[str, str]:

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from cahal_bids.engine import tiling
-from cahal_bids.engine.networks import ResidualUNet3D
 from cahal_bids.engine.norm_statistics import estimate_norm_statistics
 from cahal_bids.engine.tiling import (
     FALLBACK_CPU_BYTES,
@@ -21,19 +20,9 @@ from cahal_bids.engine.tiling import (
     sliding_window_inference,
 )
 
+from helpers import random_net, smooth_volume
+
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-def _volume(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """Smooth random intensities in about [0, 3] with a little noise, like an MR image."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.avg_pool3d(torch.rand(shape, generator=g), 5, 1, 2)
-    return 3 * x + 0.1 * torch.rand(shape, generator=g)
-
-
-def _random_net(levels: int) -> ResidualUNet3D:
-    torch.manual_seed(0)
-    return ResidualUNet3D(levels=levels, initial_filters=4, zero_init_head=False).eval()
 
 
 def _relative_error(tiled: torch.Tensor, whole: torch.Tensor) -> float:
@@ -171,8 +160,8 @@ def test_unet_tiles_match_whole_volume_with_frozen_statistics_and_margin() -> No
     pooling grid, and a discarded margin of ``receptive_field_radius`` voxels. Measured
     with this net (levels=3, F=4, radius 26), 72x68x40, tile 64: 5e-7 of the range.
     """
-    net = _random_net(levels=3)
-    x = _volume((1, 1, 72, 68, 40))
+    net = random_net(levels=3, initial_filters=4)
+    x = smooth_volume((1, 1, 72, 68, 40))
     with torch.no_grad():
         whole = net(x)
         stats = estimate_norm_statistics(net, x)
@@ -188,10 +177,10 @@ def test_unet_tiles_match_whole_volume_with_frozen_statistics_and_margin() -> No
     assert _relative_error(tiled, whole) <= 1e-4
 
 
-def test_unet_tiles_with_blockwise_statistics_match_whole_volume() -> None:
+def test_unet_tiles_with_blockwise_statistics_match_wholesmooth_volume() -> None:
     """The path for volumes too large to run whole: statistics from haloed blocks too."""
-    net = _random_net(levels=2)
-    x = _volume((1, 1, 40, 36, 28))
+    net = random_net(levels=2, initial_filters=4)
+    x = smooth_volume((1, 1, 40, 36, 28))
     with torch.no_grad():
         whole = net(x)
         stats = estimate_norm_statistics(net, x, block_size=32)  # cores of 12 for deep layers
@@ -217,8 +206,8 @@ def test_unet_tiles_differ_without_frozen_statistics_or_margin() -> None:
     a trained expert, whose correction is small and local, will differ less, but only
     the frozen-statistics + margin path is exact by construction.
     """
-    net = _random_net(levels=3)
-    x = _volume((1, 1, 40, 36, 44))
+    net = random_net(levels=3, initial_filters=4)
+    x = smooth_volume((1, 1, 40, 36, 44))
     with torch.no_grad():
         whole = net(x)
         per_tile = sliding_window_inference(x, net, tile_size=24, overlap=0.5, alignment=4)
@@ -232,8 +221,8 @@ def test_unet_tiles_need_aligned_origins() -> None:
     """A tile starting off the pooling grid differs everywhere: 0.18 measured below (41 is
     padded to 42 with ``alignment=2``, so the last tile starts at 10, not 9); 3e-7 aligned.
     """
-    net = _random_net(levels=2)
-    x = _volume((1, 1, 41, 30, 20))
+    net = random_net(levels=2, initial_filters=4)
+    x = smooth_volume((1, 1, 41, 30, 20))
     margin = net.receptive_field_radius
     with torch.no_grad():
         whole = net(x)
@@ -250,8 +239,8 @@ def test_unet_tiles_need_aligned_origins() -> None:
 
 
 def test_tiled_inference_is_deterministic() -> None:
-    net = _random_net(levels=2)
-    x = _volume((1, 1, 30, 26, 22))
+    net = random_net(levels=2, initial_filters=4)
+    x = smooth_volume((1, 1, 30, 26, 22))
     with torch.no_grad():
         runs = [
             sliding_window_inference(x, net, tile_size=16, overlap=0.5, batch_size=2)

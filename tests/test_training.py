@@ -33,6 +33,10 @@ from cahal_bids.training.pairs import (
     crop_with_zeros,
 )
 
+from helpers import l1_loss
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 
 def _phantom(shape=(40, 44, 36), seed=0) -> TrainingVolume:
     rng = np.random.default_rng(seed)
@@ -219,12 +223,7 @@ def test_curriculum_parents():
             assert abs(int(parent[1]) - int(cell[1])) + abs(int(parent[3]) - int(cell[3])) == 1
 
 
-def _l1(prediction, target):
-    loss = torch.mean(torch.abs(prediction - target))
-    return loss, {'l1': float(loss.detach())}
-
-
-def _train(run_dir, max_steps, loss_fn=_l1, mixed_precision=False):
+def _train(run_dir, max_steps, loss_fn=l1_loss, mixed_precision=False):
     torch.manual_seed(0)
     network = ResidualUNet3D(levels=2, initial_filters=4)
     stream = PairStream([_phantom()], CellSampler('V4A1'), patch_size=12, batch_size=2, seed=3)
@@ -265,7 +264,7 @@ def test_bf16_autocast_runs_the_network_only(tmp_path):
 
     def loss_fn(prediction, target):
         seen.append(prediction.dtype)
-        return _l1(prediction, target)
+        return l1_loss(prediction, target)
 
     plain, _ = _train(tmp_path / 'fp32', 3)
     mixed, result = _train(tmp_path / 'bf16', 3, loss_fn=loss_fn, mixed_precision=True)
@@ -297,7 +296,7 @@ def test_fit_reduces_the_loss(tmp_path):
     network = ResidualUNet3D(levels=2, initial_filters=4)
     stream = PairStream([_phantom()], CellSampler('V5A1'), patch_size=16, batch_size=2, seed=0)
     schedule = TrainingSchedule(max_steps=40, learning_rate=3e-3, evaluate_every=5)
-    fit(network, stream, _l1, run_dir=tmp_path, schedule=schedule, progress=False)
+    fit(network, stream, l1_loss, run_dir=tmp_path, schedule=schedule, progress=False)
     rows = list(csv.DictReader((tmp_path / 'loss.csv').open()))
     first = np.mean([float(r['loss']) for r in rows[:8]])
     last = np.mean([float(r['loss']) for r in rows[-8:]])
@@ -332,7 +331,7 @@ def test_resume_with_more_patience_continues_after_an_early_stop(tmp_path):
             evaluate_every=1,
             early_stop_patience=patience,
         )
-        return fit(network, stream, _l1, run_dir=tmp_path, schedule=schedule, progress=False)
+        return fit(network, stream, l1_loss, run_dir=tmp_path, schedule=schedule, progress=False)
 
     stopped = run(patience=2, max_steps=50)
     assert stopped.stopped_early and stopped.steps < 50
@@ -400,7 +399,7 @@ def test_fit_reports_a_stop_request_but_not_a_spent_time_budget(tmp_path):
             calls.append(1)
             if len(calls) == stop_at:
                 os.kill(os.getpid(), signal.SIGTERM)
-            return _l1(prediction, target)
+            return l1_loss(prediction, target)
 
         torch.manual_seed(0)
         network = ResidualUNet3D(levels=2, initial_filters=2)
@@ -431,7 +430,7 @@ def test_cosine_schedule_decays_from_the_rate_to_the_floor(tmp_path):
     torch.manual_seed(0)
     network = ResidualUNet3D(levels=2, initial_filters=2)
     stream = PairStream([_phantom()], CellSampler('V4A1'), patch_size=8, batch_size=1, seed=0)
-    fit(network, stream, _l1, run_dir=tmp_path, schedule=schedule, progress=False)
+    fit(network, stream, l1_loss, run_dir=tmp_path, schedule=schedule, progress=False)
     rates = [float(r['lr']) for r in csv.DictReader((tmp_path / 'loss.csv').open())]
     expected = [schedule.learning_rate_at(step) for step in range(6)]
     np.testing.assert_allclose(rates, expected, rtol=1e-2)

@@ -17,10 +17,9 @@ from cahal_bids.training.fit import TrainingInterrupted
 from cahal_bids.training.pairs import TrainingVolume
 from cahal_bids.training.zoo_training import ZooTrainingConfig, train_zoo
 
+from helpers import l1_loss
 
-def _l1(prediction, target):
-    loss = (prediction - target).abs().mean()
-    return loss, {'l1': float(loss.detach())}
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _volume():
@@ -37,13 +36,12 @@ def _tiny_config(**options):
 
 
 def test_tiny_zoo_follows_the_curriculum_and_resumes(tmp_path):
-    torch.set_num_threads(1)
     config = _tiny_config(generalist_steps=3, steps_per_expert=2, cells=('V2A3', 'V1A3', 'V2A2'))
     options = dict(
         out_dir=tmp_path / 'zoo',
         work_dir=tmp_path / 'runs',
         config=config,
-        loss_fn=_l1,
+        loss_fn=l1_loss,
         device=torch.device('cpu'),
         data_sources=[{'entry': 'noise'}],
         progress=False,
@@ -72,11 +70,10 @@ def test_tiny_zoo_follows_the_curriculum_and_resumes(tmp_path):
 
 
 def test_warm_start_continues_a_generalist_from_a_zoo(tmp_path):
-    torch.set_num_threads(1)
     config = _tiny_config(
         generalist_steps=2, steps_per_expert=1, cells=('V1A3',), lr_schedule='cosine'
     )
-    common = dict(config=config, loss_fn=_l1, device=torch.device('cpu'), progress=False)
+    common = dict(config=config, loss_fn=l1_loss, device=torch.device('cpu'), progress=False)
     first = Zoo.open(train_zoo([_volume()], out_dir=tmp_path / 'a', work_dir=tmp_path / 'ra',
                                **common))  # fmt: skip
     second = Zoo.open(
@@ -95,8 +92,7 @@ def test_warm_start_continues_a_generalist_from_a_zoo(tmp_path):
 
 
 def test_same_cell_fine_tuning_starts_each_expert_from_its_own_cell(tmp_path):
-    torch.set_num_threads(1)
-    common = dict(loss_fn=_l1, device=torch.device('cpu'), progress=False)
+    common = dict(loss_fn=l1_loss, device=torch.device('cpu'), progress=False)
     cells = ('V1A3', 'V2A3')
     first = Zoo.open(
         train_zoo(
@@ -137,7 +133,6 @@ def test_same_cell_fine_tuning_starts_each_expert_from_its_own_cell(tmp_path):
 def test_a_stop_request_ends_the_whole_zoo_run_and_a_rerun_resumes(tmp_path):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip('fit only catches SIGTERM in the main thread')
-    torch.set_num_threads(1)
     config = _tiny_config(generalist_steps=5, steps_per_expert=2, cells=('V1A3', 'V2A3'))
     calls = []
 
@@ -145,7 +140,7 @@ def test_a_stop_request_ends_the_whole_zoo_run_and_a_rerun_resumes(tmp_path):
         calls.append(1)
         if len(calls) == 2:  # during the generalist's second step
             os.kill(os.getpid(), signal.SIGTERM)
-        return _l1(prediction, target)
+        return l1_loss(prediction, target)
 
     common = dict(config=config, device=torch.device('cpu'), progress=False)
     runs, out = tmp_path / 'runs', tmp_path / 'zoo'
@@ -157,13 +152,15 @@ def test_a_stop_request_ends_the_whole_zoo_run_and_a_rerun_resumes(tmp_path):
     assert state['step'] == 2
     assert not (runs / 'V1A3').exists()  # no expert started from the unfinished generalist
 
-    resumed = Zoo.open(train_zoo([_volume()], out_dir=out, work_dir=runs, loss_fn=_l1, **common))
+    resumed = Zoo.open(
+        train_zoo([_volume()], out_dir=out, work_dir=runs, loss_fn=l1_loss, **common)
+    )
     assert json.loads((runs / 'generalist' / 'checkpoint.json').read_text())['step'] == 5
     assert resumed.trained_cells == {'V1A3', 'V2A3'}
     # the same zoo as a run that was never interrupted
     whole = Zoo.open(
         train_zoo(
-            [_volume()], out_dir=tmp_path / 'whole', work_dir=tmp_path / 'wr', loss_fn=_l1,
+            [_volume()], out_dir=tmp_path / 'whole', work_dir=tmp_path / 'wr', loss_fn=l1_loss,
             **common,
         )
     )  # fmt: skip
@@ -173,7 +170,6 @@ def test_a_stop_request_ends_the_whole_zoo_run_and_a_rerun_resumes(tmp_path):
 
 
 def test_thickest_last_training_writes_the_axis_order(tmp_path):
-    torch.set_num_threads(1)
     config = _tiny_config(
         generalist_steps=1, steps_per_expert=1, cells=('V1A3',), axis_order='thickest-last'
     )
@@ -182,7 +178,7 @@ def test_thickest_last_training_writes_the_axis_order(tmp_path):
         out_dir=tmp_path / 'zoo',
         work_dir=tmp_path / 'runs',
         config=config,
-        loss_fn=_l1,
+        loss_fn=l1_loss,
         device=torch.device('cpu'),
         progress=False,
     )
