@@ -20,6 +20,8 @@ from cahal_bids.core.errors import InvalidImageError
 from cahal_bids.core.nifti import write_image
 from cahal_bids.engine.zoo import Zoo, ZooError, default_zoo_path
 
+from helpers import write_test_zoo
+
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 THICK = (1.0, 1.0, 4.0)
@@ -250,8 +252,8 @@ def _enhance_node(zoo, in_file, base_dir):
     return node
 
 
-def test_replacing_the_weights_in_place_reruns_the_node(tmp_path, dataset_factories):
-    write_zoo = dataset_factories['zoo']
+def test_replacing_the_weights_in_place_reruns_the_node(tmp_path):
+    write_zoo = write_test_zoo
     zoo = write_zoo(tmp_path / 'zoo', cells=['V4A1'], seed=0)
     source = tmp_path / 'thick.nii.gz'
     nib.save(_image((24, 20, 6)), source)
@@ -278,10 +280,10 @@ def test_replacing_the_weights_in_place_reruns_the_node(tmp_path, dataset_factor
     assert rerun['expert']['sha256'] != report['expert']['sha256']
 
 
-def test_the_node_refuses_a_manifest_of_another_zoo(tmp_path, dataset_factories):
+def test_the_node_refuses_a_manifest_of_another_zoo(tmp_path):
     from cahal_bids.app.interfaces.enhancement import CahalEnhance
 
-    write_zoo = dataset_factories['zoo']
+    write_zoo = write_test_zoo
     zoo = write_zoo(tmp_path / 'zoo', cells=['V4A1'])
     other = write_zoo(tmp_path / 'other', cells=['V4A1'], seed=3)
     source = tmp_path / 'thick.nii.gz'

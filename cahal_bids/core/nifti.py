@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     'NIFTI_SUFFIXES',
+    'nifti_stem',
     'QFORM_SFORM_TOLERANCE',
     'SINGULAR_TOLERANCE',
     'LoadedHeader',
@@ -115,6 +116,23 @@ class LoadedImage(LoadedHeader):
 
 def _is_nifti_name(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | PathLike[str]) -> str:
+    """The file name without its NIfTI suffix (``.nii.gz`` or ``.nii``, any case).
+
+    Nipype's ``split_filename`` does the same for the app's interfaces, but the core
+    layer does not import Nipype (``cahal-enhance`` and the engine run without it), so
+    this is the one definition the package uses.
+
+    >>> nifti_stem('/data/sub-01_T1w.nii.gz'), nifti_stem('a.NII'), nifti_stem('b.txt')
+    ('sub-01_T1w', 'a', 'b.txt')
+    """
+    name = Path(path).name
+    for suffix in sorted(NIFTI_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _name(path: str | PathLike[str] | None) -> str:

@@ -109,12 +109,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 def sidecar_path_for(image_path: str | os.PathLike[str]) -> Path:
     """``out.nii.gz`` -> ``out.json`` (the BIDS convention for sidecars)."""
+    from cahal_bids.core.nifti import nifti_stem
+
     path = Path(image_path)
-    name = path.name
-    for suffix in ('.nii.gz', '.nii'):
-        if name.endswith(suffix):
-            return path.with_name(name[: -len(suffix)] + '.json')
-    return path.with_name(name + '.json')
+    return path.with_name(nifti_stem(path) + '.json')
 
 
 def _open_zoo(zoo: Zoo | str | os.PathLike[str]) -> Zoo:

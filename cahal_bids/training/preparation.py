@@ -107,7 +107,7 @@ from cahal_bids.core.atomic import write_json_atomic
 from cahal_bids.core.errors import InvalidImageError
 from cahal_bids.core.hashing import file_sha256
 from cahal_bids.core.modalities import MODALITIES
-from cahal_bids.core.nifti import NIFTI_SUFFIXES, load_header, load_image, save_image
+from cahal_bids.core.nifti import load_header, load_image, nifti_stem, save_image
 from cahal_bids.core.normalization import DEFAULT_NORMALIZATION, RobustScale
 from cahal_bids.core.orientation import Reorientation
 from cahal_bids.preprocessing.bias_field import N4_SHRINK_FACTOR, bias_corrected
@@ -257,11 +257,8 @@ def _private_ants_tempfiles() -> Iterator[None]:
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(NIFTI_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    stem = nifti_stem(path)
+    return stem if stem != path.name else path.stem
 
 
 def _write_json(path: Path, content: Mapping[str, Any]) -> None:

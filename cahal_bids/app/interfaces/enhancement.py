@@ -14,16 +14,13 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from cahal_bids.core.nifti import nifti_stem
+
 __all__ = ['CahalEnhance', 'DenoiseImage']
 
 
 def _output_name(in_file: str, suffix: str) -> str:
-    name = Path(in_file).name
-    for extension in ('.nii.gz', '.nii'):
-        if name.endswith(extension):
-            name = name[: -len(extension)]
-            break
-    return os.path.abspath(f'{name}_{suffix}.nii.gz')
+    return os.path.abspath(f'{nifti_stem(in_file)}_{suffix}.nii.gz')
 
 
 class _DenoiseImageInputSpec(BaseInterfaceInputSpec):
