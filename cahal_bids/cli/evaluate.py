@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from cahal_bids.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, make_parser, report_error
+from cahal_bids.core.modalities import MODALITIES
 
 PROG = 'cahal-eval'
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument('--out', type=Path, required=True, help='folder for the results')
     parser.add_argument('--zoo', type=Path, help='zoo to evaluate (default: the shipped one)')
-    parser.add_argument('--modality', choices=('T1w', 'FLAIR'), default='T1w')
+    parser.add_argument('--modality', choices=MODALITIES, default='T1w')
     parser.add_argument('--realizations', type=int, default=3)
     parser.add_argument('--cells', nargs='+', default=None, help='cells (default: all 18)')
     parser.add_argument('--seed', type=int, default=0)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cahal_bids.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, make_parser, report_error
+from cahal_bids.core.modalities import MODALITIES
 
 PROG = 'cahal-train'
 
@@ -36,7 +37,7 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help='run folders (checkpoints, loss logs); rerun to resume',
     )
-    parser.add_argument('--modality', choices=('T1w', 'FLAIR'), default='T1w')
+    parser.add_argument('--modality', choices=MODALITIES, default='T1w')
     parser.add_argument(
         '--init-zoo',
         '--init_zoo',
@@ -105,7 +106,7 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--contrasts',
         nargs='+',
-        choices=('T1w', 'T2w', 'FLAIR'),
+        choices=MODALITIES,
         default=None,
         help='ground-truth contrasts pooled for training (default: --modality alone); '
         'several make a contrast-agnostic zoo',
@@ -189,7 +190,7 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_segmenter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--cache-dir', '--cache_dir', type=Path, required=True)
     parser.add_argument('--out', type=Path, required=True, help='segmenter folder to write')
-    parser.add_argument('--modality', choices=('T1w', 'FLAIR'), default='T1w')
+    parser.add_argument('--modality', choices=MODALITIES, default='T1w')
     parser.add_argument('--steps', type=int, default=1500)
     parser.add_argument('--patch-size', '--patch_size', type=int, default=64)
     parser.add_argument(
