@@ -65,7 +65,7 @@ SHIPPED_ZOOS: dict[str, str] = {
     # validated T2w or contrast-agnostic zoo ships.
     'T2w': 't1w',
 }
-"""The route table: contrast of an image (its BIDS suffix) -> folder under
+"""The route table, contrast of an image (its BIDS suffix) -> folder under
 ``cahal_bids/zoos`` of the shipped zoo that restores it. The one place that says which
 zoo serves which contrast; a zoo may serve a route other than its own modality only
 through this table (:func:`serving_modalities`)."""
