@@ -31,7 +31,7 @@ from cahal_bids.cli import run
 from cahal_bids.cli.parser import build_parser, memory_gb
 from cahal_bids.core.grid import native_grid
 
-from helpers import write_app_assets, write_bids_dataset
+from helpers import write_app_assets, write_bids_dataset, write_test_zoo
 
 IMAGES = [
     ('sub-01/anat/sub-01_T1w.nii.gz', (1.0, 1.0, 4.0)),
@@ -551,7 +551,7 @@ def test_failing_images_do_not_stop_the_others(assets, tmp_path, capsys):
 
 
 def test_an_image_whose_contrast_has_no_route_is_skipped_with_a_reason(assets, tmp_path, capsys):
-    bids = assets['factories']['bids'](
+    bids = write_bids_dataset(
         tmp_path / 'bids',
         [('sub-01/anat/sub-01_T1w.nii.gz', (1.0, 1.0, 4.0)),
          ('sub-01/anat/sub-01_PDw.nii.gz', (1.0, 1.0, 4.0))],
@@ -583,7 +583,7 @@ def test_zoos_follow_the_route_table(assets, tmp_path):
     assert served == {'T1w': 'T1w', 'FLAIR': 'FLAIR', 'T2w': 'T1w'}
     assert ids['T2w'] == ids['T1w'] and ids['T1w'].startswith('test-zoo 0.0.0 ')
     # a zoo trained for T2w serves T2w images, never T1w ones
-    t2w = assets['factories']['zoo'](tmp_path / 'zoo-t2w', cells=['V4A1'], modality='T2w')
+    t2w = write_test_zoo(tmp_path / 'zoo-t2w', cells=['V4A1'], modality='T2w')
     zoos, _, served = run._open_zoos([Path(t1w), t2w], ['T1w', 'T2w'])
     assert zoos == {'T1w': t1w, 'T2w': str(t2w.resolve())}
     assert served == {'T1w': 'T1w', 'T2w': 'T2w'}
