@@ -31,14 +31,16 @@ from cahal_bids.cli import run
 from cahal_bids.cli.parser import build_parser, memory_gb
 from cahal_bids.core.grid import native_grid
 
-from helpers import write_app_assets, write_bids_dataset
+from helpers import write_app_assets, write_bids_dataset, write_test_zoo
 
 IMAGES = [
     ('sub-01/anat/sub-01_T1w.nii.gz', (1.0, 1.0, 4.0)),
     ('sub-01/anat/sub-01_FLAIR.nii.gz', (1.0, 1.0, 5.0)),
     ('sub-02/ses-a/anat/sub-02_ses-a_T1w.nii.gz', (1.2, 1.2, 3.0)),
     ('sub-02/ses-a/anat/sub-02_ses-a_acq-iso_T1w.nii.gz', (1.0, 1.0, 1.0)),
+    ('sub-01/anat/sub-01_T2w.nii.gz', (1.0, 1.0, 3.0)),
 ]
+"""sub-01 has the three routed contrasts, sub-02 T1w images only (one already at 1 mm)."""
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
@@ -114,7 +116,7 @@ def test_parser_accepts_dashed_and_underscored_spellings():
         assert args.bids_filter_file == Path('f.json')
         assert args.no_denoise and args.verbose == 2
     defaults = parser.parse_args(['d', 'o', 'group'])
-    assert defaults.modalities == ['T1w', 'FLAIR']
+    assert defaults.modalities == ['T1w', 'FLAIR', 'T2w']
     assert defaults.template == 'MNI152NLin2009cAsym'
     assert defaults.device == 'auto'
 
@@ -175,7 +177,7 @@ def test_collect_images_selects_by_label_session_modality_and_filter(assets):
     layout = read_layout(assets['bids'])
     everything = collect_images(layout)
     assert sorted(everything) == ['01', '02']
-    assert [image.modality for image in everything['01']] == ['T1w', 'FLAIR']
+    assert [image.modality for image in everything['01']] == ['T1w', 'FLAIR', 'T2w']
     assert len(everything['02']) == 2
     only = collect_images(layout, participant_labels=['sub-02'], session_labels=['ses-a'])
     assert list(only) == ['02']
@@ -199,16 +201,17 @@ def test_invalid_dataset_is_refused(tmp_path):
 # --- workflow graphs --------------------------------------------------------------------
 
 
-def _images(with_flair: bool) -> list[InputImage]:
-    t1w = InputImage(
-        path=Path('/data/sub-01/anat/sub-01_T1w.nii.gz'), modality='T1w', subject='01',
-        entities={'subject': '01'}, relative_path='sub-01/anat/sub-01_T1w.nii.gz',
+def _image(contrast: str) -> InputImage:
+    return InputImage(
+        path=Path(f'/data/sub-01/anat/sub-01_{contrast}.nii.gz'), modality=contrast,
+        subject='01', entities={'subject': '01'},
+        relative_path=f'sub-01/anat/sub-01_{contrast}.nii.gz',
     )  # fmt: skip
-    flair = InputImage(
-        path=Path('/data/sub-01/anat/sub-01_FLAIR.nii.gz'), modality='FLAIR', subject='01',
-        entities={'subject': '01'}, relative_path='sub-01/anat/sub-01_FLAIR.nii.gz',
-    )  # fmt: skip
-    return [t1w, flair] if with_flair else [t1w]
+
+
+def _images(with_flair: bool, with_t2w: bool = False) -> list[InputImage]:
+    contrasts = ['T1w', *(['FLAIR'] if with_flair else []), *(['T2w'] if with_t2w else [])]
+    return [_image(contrast) for contrast in contrasts]
 
 
 @pytest.mark.parametrize('with_flair', [False, True])
@@ -257,18 +260,47 @@ def test_single_subject_graph_follows_the_options(
     assert ('restored FLAIR image to T1w space' in text) == with_flair
 
 
+@pytest.mark.parametrize('with_t1w', [True, False])
+def test_every_other_contrast_is_aligned_to_the_t1w(with_t1w):
+    images = [_image(c) for c in (['T1w'] if with_t1w else []) + ['FLAIR', 'T2w']]
+    workflow = init_single_subject_wf(
+        subject='01', images=images, output_dir='/out',
+        zoos={'T1w': '/zoo-t1w', 'FLAIR': '/zoo-flair', 'T2w': '/zoo-t1w'},
+        zoo_ids={'T1w': 'a', 'FLAIR': 'b', 'T2w': 'a'}, denoise=False, device='cpu',
+        precision='fp32', template='MNI152NLin2009cAsym', template_file='/tpl.nii.gz',
+        skip_registration=False, output_spaces=False, write_intermediate=False, sloppy=True,
+        omp_nthreads=1, seed=0,
+    )  # fmt: skip
+    names = {f'sub_01_wf.{node.fullname}' for node in workflow._get_all_nodes()}
+    for key in ('flair', 't2w'):
+        assert f'sub_01_wf.enhance_{key}_wf.enhance' in names
+        assert f'sub_01_wf.register_{key}_wf.register' in names  # to the template
+        assert (f'sub_01_wf.{key}2t1w_{key}_wf.register' in names) == with_t1w
+        assert (f'sub_01_wf.ds_{key}2t1w_{key}_wf.ds_forward' in names) == with_t1w
+    assert not any('t1w2t1w' in name for name in names)
+    enhance = workflow.get_node('enhance_t2w_wf').get_node('enhance')
+    assert enhance.inputs.contrast == 'T2w' and enhance.inputs.zoo == '/zoo-t1w'
+    if with_t1w:
+        sink = workflow.get_node('ds_t2w2t1w_t2w_wf').get_node('ds_forward')
+        assert sink.inputs.extra_entities == [('from', 'T2w'), ('to', 'T1w'), ('mode', 'image')]
+    workflow._create_flat_graph()
+    text = methods_text(workflow)
+    assert ('restored T2w image to T1w space' in text) == with_t1w
+    assert ('restored FLAIR image to T1w space' in text) == with_t1w
+
+
 def _run_config(**options) -> RunConfig:
     return RunConfig(
         bids_dir='/data', output_dir='/out', analysis_level='participant', work_dir='/work',
-        zoos={'T1w': '/zoo-t1w', 'FLAIR': '/zoo-flair'}, **options,
+        zoos={'T1w': '/zoo-t1w', 'FLAIR': '/zoo-flair', 'T2w': '/zoo-t1w'}, **options,
     )  # fmt: skip
 
 
 def test_methods_text_is_read_from_the_workflow_factories():
-    def text(images, **options):
+    def text(images, zoo_modalities=None, **options):
         workflow = init_cahal_wf(
-            _run_config(**options), images, zoo_ids={'T1w': 'a', 'FLAIR': 'b'},
-            template_file='/tpl.nii.gz',
+            _run_config(**options), images, zoo_ids={'T1w': 'a', 'FLAIR': 'b', 'T2w': 'a'},
+            template_file='/tpl.nii.gz', zoo_modalities=zoo_modalities,
         )  # fmt: skip
         return workflow, methods_text(workflow)
 
@@ -288,6 +320,15 @@ def test_methods_text_is_read_from_the_workflow_factories():
     assert 'to Phantom space' in text(both, template='Phantom')[1]
     assert 'Each T1w image' in text({'01': _images(False)}, modalities=['T1w'])[1]
     assert 'FLAIR image to T1w space' not in text({'01': _images(False)})[1]
+    # T2w is named when present, with the zoo that served it
+    served = {'T1w': 'T1w', 'FLAIR': 'FLAIR', 'T2w': 'T1w'}
+    three = text({'01': _images(True, with_t2w=True)}, zoo_modalities=served)[1]
+    assert 'Each T1w, FLAIR and T2w image' in three
+    assert 'T2w images were restored by the zoo of experts trained for T1w images' in three
+    assert 'restored T2w image to T1w space' in three
+    assert 'T2w' not in default
+    own = text({'01': _images(True, with_t2w=True)}, zoo_modalities={'T2w': 'T2w'})[1]
+    assert 'Each T1w, FLAIR and T2w image' in own and 'experts trained for' not in own
     # and it is the factories' own __desc__, nothing rebuilt beside them
     enhance_wf = workflow.get_node('sub_01_wf').get_node('enhance_t1w_wf')
     enhance_wf.__desc__ = 'A sentence only this sub-workflow says.\n\n'
@@ -320,6 +361,9 @@ def test_participant_run_writes_bids_derivatives(full_run, assets):
     assert citation.startswith('### Methods\n\nResults included in this manuscript')
     assert 'CAHAL' in citation and 'to Phantom space' in citation
     assert 'additionally resampled' in citation and 'FLAIR image to T1w space' in citation
+    assert 'Each T1w, FLAIR and T2w image' in citation
+    assert 'T2w images were restored by the zoo of experts trained for T1w images' in citation
+    assert 'T2w image to T1w space' in citation
     anat = out / 'sub-01' / 'anat'
     expected = [
         'sub-01_desc-cahal_T1w.nii.gz', 'sub-01_desc-cahal_T1w.json',
@@ -329,6 +373,12 @@ def test_participant_run_writes_bids_derivatives(full_run, assets):
         'sub-01_from-FLAIR_to-T1w_mode-image_xfm.txt',
         'sub-01_from-T1w_to-FLAIR_mode-image_xfm.txt',
         'sub-01_space-Phantom_desc-cahal_T1w.nii.gz',
+        'sub-01_desc-cahal_T2w.nii.gz', 'sub-01_desc-cahal_T2w.json',
+        'sub-01_from-T2w_to-Phantom_mode-image_xfm.txt',
+        'sub-01_from-T2w_to-T1w_mode-image_xfm.txt',
+        'sub-01_from-T2w_to-T1w_mode-image_xfm.json',
+        'sub-01_from-T1w_to-T2w_mode-image_xfm.txt',
+        'sub-01_space-Phantom_desc-cahal_T2w.nii.gz',
     ]  # fmt: skip
     for name in expected:
         assert (anat / name).is_file(), name
@@ -351,7 +401,8 @@ def test_sidecars_carry_provenance_and_routing(full_run):
     details = sidecar['CAHAL']
     assert details['voxel_sizes'] == [1.0, 1.0, 5.0]
     assert details['cell'] == 'V5A1' and details['skipped'] is False
-    assert details['zoo']['modality'] == 'FLAIR'
+    assert details['route'] == 'FLAIR' and details['zoo']['modality'] == 'FLAIR'
+    assert len(details['zoo']['manifest_sha256']) == 64
     assert len(details['expert']['sha256']) == 64
     assert 'torch' in details['software']
     skipped = json.loads(
@@ -367,6 +418,26 @@ def test_sidecars_carry_provenance_and_routing(full_run):
     assert registration['similarity']['correlation'] > 0.8
 
 
+def test_t2w_is_served_by_the_t1w_zoo_and_aligned_to_the_t1w(full_run, assets):
+    from cahal_bids.core.hashing import file_sha256
+
+    anat = full_run['out'] / 'sub-01' / 'anat'
+    sidecar = json.loads((anat / 'sub-01_desc-cahal_T2w.json').read_text())
+    assert sidecar['Sources'] == ['bids:raw:sub-01/anat/sub-01_T2w.nii.gz']
+    details = sidecar['CAHAL']
+    assert details['route'] == 'T2w' and details['cell'] == 'V3A2'
+    zoo = assets['t1w_zoo'].resolve()
+    assert details['zoo']['modality'] == 'T1w' and details['zoo']['path'] == str(zoo)
+    assert details['zoo']['manifest_sha256'] == file_sha256(zoo / 'manifest.json')
+    t1w = json.loads((anat / 'sub-01_desc-cahal_T1w.json').read_text())['CAHAL']
+    assert t1w['route'] == 'T1w' and t1w['zoo'] == details['zoo']
+    rigid = json.loads((anat / 'sub-01_from-T2w_to-T1w_mode-image_xfm.json').read_text())
+    assert rigid['Registration']['stages'] == ['QuickRigid']
+    assert rigid['Sources'] == ['bids:raw:sub-01/anat/sub-01_T2w.nii.gz']
+    figures = full_run['out'] / 'sub-01' / 'figures'
+    assert (figures / 'sub-01_space-T1w_desc-registration_T2w.png').is_file()
+
+
 def test_outputs_line_up_with_inputs_in_world_space(full_run, assets):
     for relative, _ in IMAGES:
         source = nib.load(assets['bids'] / relative)
@@ -374,6 +445,7 @@ def test_outputs_line_up_with_inputs_in_world_space(full_run, assets):
             Path(relative)
             .name.replace('_T1w', '_desc-cahal_T1w')
             .replace('_FLAIR', '_desc-cahal_FLAIR')
+            .replace('_T2w', '_desc-cahal_T2w')
         )
         output = nib.load(full_run['out'] / Path(relative).parent / name)
         expected = native_grid(source.shape, source.affine)
@@ -404,7 +476,15 @@ def test_reports_link_real_figures(full_run):
         assert '<p>Results included in this manuscript' in methods
         assert '<h3>References</h3>' in methods and '<li>' in methods
         assert '###' not in page
-    assert 'space-Phantom_desc-registration_T1w.png' in (out / 'sub-01.html').read_text()
+    page = (out / 'sub-01.html').read_text()
+    assert 'space-Phantom_desc-registration_T1w.png' in page
+    # the T2w is listed like the FLAIR: its image, its zoo, its transforms and figures
+    for contrast in ('FLAIR', 'T2w'):
+        assert f'<h3>sub-01_desc-cahal_{contrast}</h3>' in page
+        assert f'sub-01_from-{contrast}_to-T1w_mode-image_xfm.txt' in page
+        assert f'sub-01_space-T1w_desc-registration_{contrast}.png' in page
+    assert '<th>route</th><td>T2w (served by the T1w zoo)</td>' in page
+    assert '<th>route</th><td>FLAIR</td>' in page
 
 
 def test_group_level_summarises_every_image(full_run, assets):
@@ -418,6 +498,9 @@ def test_group_level_summarises_every_image(full_run, assets):
     flair = by_file['sub-01/anat/sub-01_desc-cahal_FLAIR.nii.gz']
     assert flair['cell'] == 'V5A1' and flair['modality'] == 'FLAIR'
     assert float(flair['registration_correlation']) > 0.8
+    t2w = by_file['sub-01/anat/sub-01_desc-cahal_T2w.nii.gz']
+    assert t2w['cell'] == 'V3A2' and t2w['modality'] == 'T2w' and t2w['skipped'] == 'False'
+    assert float(t2w['registration_correlation']) > 0.8  # to the template, not the T1w
     iso = by_file['sub-02/ses-a/anat/sub-02_ses-a_acq-iso_desc-cahal_T1w.nii.gz']
     assert iso['skipped'] == 'True' and iso['cell'] == 'n/a'
     assert 'sub-01.html' in (out / 'group.html').read_text()
@@ -465,6 +548,54 @@ def test_failing_images_do_not_stop_the_others(assets, tmp_path, capsys):
     assert crashes and 'sub-02_T1w.nii.gz' in crashes[0].read_text()
     page = (out / 'sub-02.html').read_text()
     assert 'Errors' in page and crashes[0].name in page
+
+
+def test_an_image_whose_contrast_has_no_route_is_skipped_with_a_reason(assets, tmp_path, capsys):
+    bids = write_bids_dataset(
+        tmp_path / 'bids',
+        [('sub-01/anat/sub-01_T1w.nii.gz', (1.0, 1.0, 4.0)),
+         ('sub-01/anat/sub-01_PDw.nii.gz', (1.0, 1.0, 4.0))],
+    )  # fmt: skip
+    filters = tmp_path / 'filters.json'
+    filters.write_text(json.dumps({'t2w': {'suffix': 'PDw'}}))  # selects the PDw as a T2w
+    out = tmp_path / 'out'
+    argv = _argv(assets, out, tmp_path / 'work', '--skip-registration', '--no-denoise',
+                 '--bids-filter-file', str(filters))  # fmt: skip
+    argv[0] = str(bids)
+    assert run.main(argv) == 1  # not everything asked for was done
+    err = capsys.readouterr().err
+    reason = 'sub-01_PDw.nii.gz: its contrast PDw has no route'
+    assert f'sub-01: skipped: {bids}/sub-01/anat/{reason}' in err
+    assert [line for line in err.splitlines() if reason in line][0].endswith(
+        'cahal-bids restores T1w, FLAIR, T2w images)'
+    )
+    # the rest still ran
+    assert (out / 'sub-01' / 'anat' / 'sub-01_desc-cahal_T1w.nii.gz').is_file()
+    assert not list(out.rglob('*PDw*')) and not list(out.rglob('*T2w*'))
+
+
+def test_zoos_follow_the_route_table(assets, tmp_path):
+    from cahal_bids.engine.zoo import ZooError, default_zoo_path
+
+    t1w, flair = str(assets['t1w_zoo'].resolve()), str(assets['flair_zoo'].resolve())
+    zoos, ids, served = run._open_zoos([Path(t1w), Path(flair)], ['T1w', 'FLAIR', 'T2w'])
+    assert zoos == {'T1w': t1w, 'FLAIR': flair, 'T2w': t1w}  # the given T1w zoo serves T2w
+    assert served == {'T1w': 'T1w', 'FLAIR': 'FLAIR', 'T2w': 'T1w'}
+    assert ids['T2w'] == ids['T1w'] and ids['T1w'].startswith('test-zoo 0.0.0 ')
+    # a zoo trained for T2w serves T2w images, never T1w ones
+    t2w = write_test_zoo(tmp_path / 'zoo-t2w', cells=['V4A1'], modality='T2w')
+    zoos, _, served = run._open_zoos([Path(t1w), t2w], ['T1w', 'T2w'])
+    assert zoos == {'T1w': t1w, 'T2w': str(t2w.resolve())}
+    assert served == {'T1w': 'T1w', 'T2w': 'T2w'}
+    with pytest.raises(ZooError, match='a second --zoo for T1w'):
+        run._open_zoos([Path(t1w), Path(t1w)], ['T1w'])
+    # no zoo given for a contrast: the shipped zoo the route table names
+    try:
+        shipped = str(default_zoo_path('T2w'))
+    except ZooError as error:
+        pytest.skip(str(error))
+    zoos, _, served = run._open_zoos([Path(flair)], ['FLAIR', 'T2w'])
+    assert zoos == {'FLAIR': flair, 'T2w': shipped} and served['T2w'] == 'T1w'
 
 
 @pytest.mark.parametrize(
@@ -518,7 +649,8 @@ def test_boilerplate_only(assets, tmp_path, capsys):
     assert 'CAHAL' in text and 'denoised' not in text
     # the template is named, not needed: no TemplateFlow download for the text
     assert 'to MNI152NLin2009cAsym space' in text
-    assert 'FLAIR image to T1w space' in text  # sub-01 has a T1w and a FLAIR
+    assert 'FLAIR image to T1w space' in text  # sub-01 has a T1w, a FLAIR and a T2w
+    assert 'T2w image to T1w space' in text and 'Each T1w, FLAIR and T2w image' in text
     assert not (tmp_path / 'w').exists()
     # the text follows the options of the run
     other = boilerplate(tmp_path / 'other', '--skip-registration', '--modalities', 'T1w')
@@ -532,7 +664,9 @@ def test_run_configuration_is_saved_with_the_logs(full_run):
     config = RunConfig.load(configs[0])
     assert config.template == 'Phantom'
     assert config.sloppy is True and config.output_spaces is True
-    assert sorted(config.zoos) == ['FLAIR', 'T1w']
+    assert sorted(config.zoos) == ['FLAIR', 'T1w', 'T2w']
+    assert config.zoos['T2w'] == config.zoos['T1w']  # the --zoo of T1w serves T2w too
+    assert config.modalities == ['T1w', 'FLAIR', 'T2w']
     assert os.path.isabs(config.work_dir)
 
 

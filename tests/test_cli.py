@@ -160,3 +160,82 @@ def test_train_fit_precision_defaults_to_auto_and_rejects_fp16(capsys):
         parser.parse_args([*required, '--precision', 'fp16'])
     assert exc.value.code == 2
     assert "'fp16'" in capsys.readouterr().err
+
+
+def test_enhance_t2w_is_served_by_the_t1w_zoo_and_says_so(make_nifti, make_zoo, tmp_path):
+    from cahal_bids.core.hashing import file_sha256
+
+    source = make_nifti(shape=(12, 10, 5), zooms=(1.0, 1.0, 4.0))
+    zoo = make_zoo('zoo-t1w', cells=['V4A1'])
+    out = tmp_path / 'sub-01_desc-cahal_T2w.nii.gz'
+    argv = [str(source), str(out), '--modality', 'T2w', '--zoo', str(zoo), '-q']
+    assert enhance.main(argv) == 0
+    sidecar = json.loads(out.with_name('sub-01_desc-cahal_T2w.json').read_text())
+    assert sidecar['route'] == 'T2w'
+    assert sidecar['zoo'] == {
+        'name': 'test-zoo',
+        'version': '0.0.0',
+        'modality': 'T1w',
+        'path': str(zoo),
+        'manifest_sha256': file_sha256(zoo / 'manifest.json'),
+    }
+    # the same image as T1w: the same expert, the same voxels; only the route differs
+    as_t1w = tmp_path / 'as-t1w.nii.gz'
+    assert enhance.main([str(source), str(as_t1w), '--zoo', str(zoo), '-q']) == 0
+    assert json.loads(as_t1w.with_name('as-t1w.json').read_text())['route'] == 'T1w'
+    import nibabel as nib
+
+    np.testing.assert_array_equal(nib.load(out).get_fdata(), nib.load(as_t1w).get_fdata())
+
+
+def test_enhance_t2w_defaults_to_the_shipped_t1w_zoo(make_nifti, tmp_path, one_thread):
+    from cahal_bids.engine.zoo import Zoo, ZooError, default_zoo_path
+
+    try:
+        shipped = Zoo.open(default_zoo_path('T1w'))
+    except ZooError as error:
+        pytest.skip(str(error))
+    source = make_nifti(shape=(12, 10, 5), zooms=(1.0, 1.0, 4.0))
+    out = tmp_path / 'o.nii.gz'
+    assert enhance.main([str(source), str(out), '--modality', 'T2w', '-q', '--threads', '1']) == 0
+    sidecar = json.loads((tmp_path / 'o.json').read_text())
+    assert sidecar['route'] == 'T2w'
+    assert sidecar['zoo']['name'] == shipped.name and sidecar['zoo']['modality'] == 'T1w'
+    assert sidecar['zoo']['manifest_sha256'] == shipped.manifest_sha256
+
+
+def test_enhance_refuses_a_zoo_that_does_not_serve_the_route(make_nifti, make_zoo, capsys):
+    source = make_nifti(shape=(12, 10, 5), zooms=(1.0, 1.0, 4.0))
+    flair = make_zoo('zoo-flair', cells=['V4A1'], modality='FLAIR')
+    t2w = make_zoo('zoo-t2w', cells=['V4A1'], modality='T2w')
+    for zoo, modality, message in (
+        (flair, 'T2w', 'trained for FLAIR, not T2w (a T2w image is restored by a zoo trained '
+                       'for T2w or T1w)'),
+        (t2w, 'T1w', 'trained for T2w, not T1w'),
+    ):  # fmt: skip
+        argv = [str(source), str(source.with_name('o.nii.gz')), '--zoo', str(zoo)]
+        assert enhance.main([*argv, '--modality', modality]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    assert not source.with_name('o.nii.gz').exists()
+
+
+@pytest.mark.parametrize(
+    ('value', 'message'),
+    [
+        ('PD', "'PD' has no route (no zoo restores PD images); the routed contrasts are "
+               'T1w, FLAIR, T2w'),
+        ('t2w', "'t2w': BIDS suffixes are case-sensitive, write T2w"),
+    ],
+)  # fmt: skip
+def test_a_contrast_without_a_route_is_a_usage_error(capsys, value, message):
+    for main, argv in (
+        (enhance.main, ['x.nii.gz', 'y.nii.gz', '--modality', value]),
+        (run.main, ['bids', 'out', 'participant', '--modalities', 'T1w', value]),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err
+        assert err.strip().splitlines()[-1].endswith(message)

@@ -88,6 +88,8 @@ def test_sidecar_records_every_decision(tmp_path, make_nifti, test_zoo):
     assert sidecar['expert']['sha256'] == zoo.experts['V5A1']['sha256']
     assert sidecar['expert']['substituted'] is False
     assert sidecar['zoo']['name'] == 'test-zoo'
+    assert sidecar['zoo']['manifest_sha256'] == zoo.manifest_sha256
+    assert sidecar['route'] == 'T1w'  # by default the zoo's own modality
     assert sidecar['device'] == 'cpu'
     assert sidecar['seconds'] > 0
     assert 'torch' in sidecar['software']

@@ -10,11 +10,14 @@ import torch
 from cahal_bids.core.routing import CELLS
 from cahal_bids.engine.zoo import (
     MANIFEST_NAME,
+    ROUTED_MODALITIES,
+    SHIPPED_ZOOS,
     Zoo,
     ZooError,
     default_zoo_path,
     file_sha256,
     nearest_trained_cell,
+    serving_modalities,
     write_zoo,
 )
 
@@ -187,5 +190,37 @@ def test_every_cell_has_a_stand_in():
 
 
 def test_default_zoo_missing_is_clear(monkeypatch):
-    with pytest.raises(ZooError, match='unknown modality'):
-        default_zoo_path('T2w')
+    with pytest.raises(ZooError, match="'PD' has no route.*T1w, FLAIR, T2w"):
+        default_zoo_path('PD')
+
+
+def test_route_table_sends_t2w_to_the_t1w_zoo():
+    assert SHIPPED_ZOOS['T2w'] == SHIPPED_ZOOS['T1w'] and 'T2w' in ROUTED_MODALITIES
+    assert default_zoo_path('T2w') == default_zoo_path('T1w')
+    assert serving_modalities('T2w') == ('T2w', 'T1w')
+    # lent one way only: a T2w zoo never serves T1w images, nor a FLAIR zoo T2w ones
+    assert serving_modalities('T1w') == ('T1w',)
+    assert serving_modalities('FLAIR') == ('FLAIR',)
+    assert serving_modalities('PD') == ('PD',)
+
+
+def test_a_zoo_serves_its_own_route_and_those_the_table_lends_it(tiny_zoo, tmp_path):
+    zoo = Zoo.open(tiny_zoo)
+    zoo.check_serves('T1w')
+    zoo.check_serves('T2w')
+    with pytest.raises(ZooError, match='trained for T1w, not FLAIR'):
+        zoo.check_serves('FLAIR')
+    manifest = json.loads((tiny_zoo / MANIFEST_NAME).read_text())
+    manifest['modality'] = 'T2w'
+    (tiny_zoo / MANIFEST_NAME).write_text(json.dumps(manifest))
+    t2w = Zoo.open(tiny_zoo)
+    t2w.check_serves('T2w')
+    with pytest.raises(ZooError, match='trained for T2w, not T1w'):
+        t2w.check_serves('T1w')
+    assert t2w.record() == {
+        'name': 'test-zoo',
+        'version': '0.0.1',
+        'modality': 'T2w',
+        'path': str(tiny_zoo),
+        'manifest_sha256': file_sha256(tiny_zoo / MANIFEST_NAME),
+    }

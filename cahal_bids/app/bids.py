@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 MODALITIES = ROUTED_MODALITIES
-"""The BIDS suffixes CAHAL enhances (those with a shipped zoo)."""
+"""The BIDS suffixes CAHAL enhances (those with a route to a shipped zoo)."""
 
 
 CODE_URL = 'https://github.com/cahal-bids/cahal-bids'

@@ -18,6 +18,7 @@ from typing import Any
 
 from cahal_bids import __version__
 from cahal_bids.core.atomic import write_text_atomic
+from cahal_bids.engine.zoo import ROUTED_MODALITIES
 
 __all__ = ['RunConfig', 'dumps_toml', 'new_run_id']
 
@@ -38,7 +39,7 @@ class RunConfig:
     work_dir: str
     participant_label: list[str] = field(default_factory=list)
     session_label: list[str] = field(default_factory=list)
-    modalities: list[str] = field(default_factory=lambda: ['T1w', 'FLAIR'])
+    modalities: list[str] = field(default_factory=lambda: list(ROUTED_MODALITIES))
     bids_filters: dict[str, dict[str, Any]] = field(default_factory=dict)
     skip_bids_validation: bool = False
     bids_database_dir: str = ''

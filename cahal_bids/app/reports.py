@@ -185,6 +185,17 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _route(details: Mapping[str, Any]) -> str:
+    """The image's route (contrast) and, when another contrast's zoo served it, which.
+
+    >>> _route({'route': 'T2w', 'zoo': {'modality': 'T1w'}})
+    'T2w (served by the T1w zoo)'
+    """
+    route = details.get('route') or 'n/a'
+    served_by = (details.get('zoo') or {}).get('modality')
+    return route if served_by in (None, route) else f'{route} (served by the {served_by} zoo)'
+
+
 def markdown_to_html(text: str) -> str:
     """HTML of a Markdown text such as the methods boilerplate (raw HTML in it is escaped).
 
@@ -240,6 +251,7 @@ def write_subject_report(
                 'zoo',
                 f'{details.get("zoo", {}).get("name")} {details.get("zoo", {}).get("version")}',
             ),
+            ('route', _route(details)),
             ('denoised', content.get('Denoised')),
             ('device', details.get('device')),
             ('enhancement seconds', details.get('seconds')),

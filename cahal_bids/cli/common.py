@@ -37,6 +37,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+def routed_contrast(text: str) -> str:
+    """``argparse`` type for a contrast to restore: a BIDS suffix that has a route.
+
+    A contrast without one (``PD``, ``T2starw``, ...) is refused with a one-line reason
+    naming the routed contrasts (:data:`cahal_bids.engine.zoo.ROUTED_MODALITIES`).
+    """
+    from cahal_bids.engine.zoo import ROUTED_MODALITIES
+
+    if text in ROUTED_MODALITIES:
+        return text
+    spelled = [name for name in ROUTED_MODALITIES if name.lower() == text.lower()]
+    if spelled:
+        raise argparse.ArgumentTypeError(
+            f'{text!r}: BIDS suffixes are case-sensitive, write {spelled[0]}'
+        )
+    raise argparse.ArgumentTypeError(
+        f'{text!r} has no route (no zoo restores {text} images); '
+        f'the routed contrasts are {", ".join(ROUTED_MODALITIES)}'
+    )
+
+
 def report_error(prog: str, message: str) -> None:
     """Print a one-line error on stderr, prefixed with the program name."""
     first_line = ' '.join(str(message).split())

@@ -20,6 +20,7 @@ from cahal_bids.cli.common import (
     make_parser,
     positive_int,
     report_error,
+    routed_contrast,
 )
 from cahal_bids.engine.zoo import ROUTED_MODALITIES
 
@@ -37,8 +38,10 @@ def default_threads() -> int:
 def build_parser():
     parser = make_parser(
         PROG,
-        'Restore a low-resolution T1w or FLAIR image to 1 mm isotropic in its own native '
-        'space with one CAHAL expert chosen from its voxel size.\n\n'
+        'Restore a low-resolution T1w, FLAIR or T2w image to 1 mm isotropic in its own '
+        'native space with one CAHAL expert chosen from its voxel size. T2w images are '
+        'restored by the T1w zoo until a T2w zoo is validated (the sidecar records the '
+        'route and the zoo that served it).\n\n'
         "The output keeps the input's voxel axes and field-of-view corner, with 1 mm "
         'spacing and round(n * r) voxels per axis. Images already at 1 mm or finer are '
         'written unchanged.',
@@ -52,11 +55,18 @@ def build_parser():
     )
     parser.add_argument(
         '--modality',
+        type=routed_contrast,
         choices=ROUTED_MODALITIES,
         default='T1w',
-        help='contrast of the input; selects the shipped zoo (default: %(default)s)',
+        help='contrast of the input (its route); selects the shipped zoo, T1w for T2w '
+        '(default: %(default)s)',
     )
-    parser.add_argument('--zoo', type=Path, help='an expert zoo folder instead of the shipped one')
+    parser.add_argument(
+        '--zoo',
+        type=Path,
+        help="an expert zoo folder instead of the shipped one; its manifest's modality must "
+        'be the contrast of the input, or T1w for a T2w input',
+    )
     parser.add_argument(
         '--device',
         choices=('auto', 'cpu', 'cuda'),
@@ -170,20 +180,18 @@ def _enhance(args) -> int:
     except CahalError as error:
         report_error(PROG, str(error))
         return EXIT_USAGE
-    if zoo.modality != args.modality:
-        report_error(
-            PROG,
-            f'{zoo.path}: this zoo was trained for {zoo.modality}, not {args.modality}; '
-            'pass --modality to match or another --zoo',
+    try:
+        enhancer = Enhancer(
+            zoo,
+            device=device,
+            tile_size=args.tile_size,
+            progress=not args.quiet,
+            precision=args.precision,
+            contrast=args.modality,
         )
+    except ZooError as error:  # the zoo does not serve this contrast
+        report_error(PROG, f'{error}; pass --modality to match or another --zoo')
         return EXIT_USAGE
-    enhancer = Enhancer(
-        zoo,
-        device=device,
-        tile_size=args.tile_size,
-        progress=not args.quiet,
-        precision=args.precision,
-    )
     try:
         result = enhancer.enhance_file(args.input, args.output)
     except ZooError as error:

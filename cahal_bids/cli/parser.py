@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cahal_bids.cli.common import make_parser, positive_int
+from cahal_bids.cli.common import make_parser, positive_int, routed_contrast
+from cahal_bids.engine.zoo import ROUTED_MODALITIES
 
 __all__ = [
     'PROG',
@@ -53,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``cahal-bids`` (the command-line reference is generated from it)."""
     parser = make_parser(
         PROG,
-        'Restore the low-resolution T1w and FLAIR images of a BIDS dataset to 1 mm in native '
-        'space with CAHAL, register them to a template, and write BIDS derivatives.',
+        'Restore the low-resolution T1w, FLAIR and T2w images of a BIDS dataset to 1 mm in '
+        'native space with CAHAL, register them to a template, and write BIDS derivatives. '
+        'T2w images are restored by the T1w zoo until a T2w zoo is validated.',
     )
     parser.add_argument('bids_dir', type=Path, help='the root folder of a BIDS dataset')
     parser.add_argument('output_dir', type=Path, help='where derivatives are written')
@@ -81,14 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
         dest='bids_filter_file',
         type=Path,
         metavar='FILE',
-        help='JSON of PyBIDS filters per query ("t1w", "flair") that refine the selection',
+        help='JSON of PyBIDS filters per query ("t1w", "flair", "t2w") that refine the selection',
     )
     select.add_argument(
         '--modalities',
         nargs='+',
-        choices=['T1w', 'FLAIR'],
-        default=['T1w', 'FLAIR'],
-        help='which images to enhance (default both)',
+        type=routed_contrast,
+        choices=ROUTED_MODALITIES,
+        default=list(ROUTED_MODALITIES),
+        metavar='SUFFIX',
+        help='which images to enhance, by BIDS suffix: %(choices)s (default: all); T2w '
+        'images are restored by the T1w zoo',
     )
     select.add_argument(
         *_both_spellings('skip-bids-validation'),
@@ -160,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=[],
         metavar='PATH',
-        help='expert zoo folder(s); each manifest names its modality (default: shipped zoos)',
+        help='expert zoo folder(s); each manifest names its modality, and a T1w zoo also '
+        'serves T2w images unless a T2w zoo is given (default: shipped zoos)',
     )
     processing.add_argument(
         *_both_spellings('no-denoise'),

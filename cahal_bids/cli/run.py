@@ -122,6 +122,8 @@ class RunInputs:
     template_path: str | None = None
     plugin: str = 'MultiProc'
     plugin_args: dict[str, Any] = field(default_factory=dict)
+    zoo_modalities: dict[str, str] = field(default_factory=dict)
+    """The modality of the zoo that serves each contrast (``{'T2w': 'T1w'}``: the T1w zoo)."""
 
 
 def collect_inputs(args: argparse.Namespace, config: RunConfig) -> RunInputs:
@@ -144,22 +146,26 @@ def collect_inputs(args: argparse.Namespace, config: RunConfig) -> RunInputs:
         modalities=config.modalities,
         filters=config.bids_filters,
     )
-    images, rejected = _screen_headers(found)
+    images, rejected = _screen_images(found)
     present = sorted({image.modality for found in images.values() for image in found})
-    config.zoos, zoo_ids = _open_zoos(args.zoo, present)
+    config.zoos, zoo_ids, zoo_modalities = _open_zoos(args.zoo, present)
     template_path = None
     # the methods text names the template; only processing needs its file
     if not (config.skip_registration or args.boilerplate_only):
         template_path = str(resolve_template(config.template, template_file=args.template_file))
     plugin, plugin_args = _plugin_settings(args, config)
-    return RunInputs(images, rejected, zoo_ids, template_path, plugin, plugin_args)
+    return RunInputs(images, rejected, zoo_ids, template_path, plugin, plugin_args, zoo_modalities)
 
 
 def _init_workflow(config: RunConfig, inputs: RunInputs) -> Any:
     from cahal_bids.app.workflows.base import init_cahal_wf
 
     return init_cahal_wf(
-        config, inputs.images, zoo_ids=inputs.zoo_ids, template_file=inputs.template_path
+        config,
+        inputs.images,
+        zoo_ids=inputs.zoo_ids,
+        template_file=inputs.template_path,
+        zoo_modalities=inputs.zoo_modalities,
     )
 
 
@@ -269,27 +275,41 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _open_zoos(paths: Sequence[Path], modalities: Sequence[str]) -> tuple[dict, dict]:
-    """Zoo folder and cache identifier per modality, from --zoo or the shipped zoos."""
-    import hashlib
+def _open_zoos(paths: Sequence[Path], routes: Sequence[str]) -> tuple[dict, dict, dict]:
+    """Zoo folder, cache identifier and modality per route (image contrast), from --zoo
+    or the shipped zoos.
 
-    from cahal_bids.engine.zoo import MANIFEST_NAME, Zoo, ZooError, default_zoo_path
+    Each ``--zoo`` serves the contrast its manifest names. A route takes the given zoo of
+    its own contrast, else a given zoo that the route table lends it (a T1w zoo serves
+    T2w images, :func:`~cahal_bids.engine.zoo.serving_modalities`), else the shipped zoo
+    that the route table names.
+    """
+    from cahal_bids.engine.zoo import Zoo, ZooError, default_zoo_path, serving_modalities
 
-    folders: dict[str, Path] = {}
+    given: dict[str, Zoo] = {}
     for path in paths:
-        zoo = Zoo.open(path)
-        if zoo.modality in folders:
+        zoo = Zoo.open(Path(path).resolve())
+        if zoo.modality in given:
             raise ZooError(f'{path}: a second --zoo for {zoo.modality}')
-        folders[zoo.modality] = Path(path).resolve()
+        given[zoo.modality] = zoo
+    shipped: dict[Path, Zoo] = {}
     zoos: dict[str, str] = {}
     ids: dict[str, str] = {}
-    for modality in modalities:
-        folder = folders.get(modality) or default_zoo_path(modality)
-        zoo = Zoo.open(folder)
-        digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()[:16]
-        zoos[modality] = str(folder)
-        ids[modality] = f'{zoo.name} {zoo.version} {digest}'
-    return zoos, ids
+    modalities: dict[str, str] = {}
+    for route in routes:
+        candidates = [given[m] for m in serving_modalities(route) if m in given]
+        if candidates:
+            zoo = candidates[0]
+        else:
+            folder = default_zoo_path(route)
+            if folder not in shipped:  # T1w and T2w share one: check its weights once
+                shipped[folder] = Zoo.open(folder)
+            zoo = shipped[folder]
+        zoo.check_serves(route)
+        zoos[route] = str(zoo.path)
+        ids[route] = f'{zoo.name} {zoo.version} {zoo.manifest_sha256[:16]}'
+        modalities[route] = zoo.modality
+    return zoos, ids, modalities
 
 
 def _plugin_settings(args: argparse.Namespace, config) -> tuple[str, dict]:
@@ -375,15 +395,26 @@ def crash_reason(crash_file: Path) -> str:
     return f'{node.split(".")[-2] if "." in node else node}: {messages[-1] if messages else "?"}'
 
 
-def _screen_headers(images: dict) -> tuple[dict, list[tuple[str, str]]]:
-    """Drop images whose header cannot be used, with a one-line reason for each."""
+def _screen_images(images: dict) -> tuple[dict, list[tuple[str, str]]]:
+    """Drop images that cannot be restored, with a one-line reason for each.
+
+    An image whose contrast (the BIDS suffix of its file, which a ``--bids-filter-file``
+    entry may have chosen) has no route, or whose header cannot be used.
+    """
     from cahal_bids.core.errors import CahalError
     from cahal_bids.core.nifti import load_header
+    from cahal_bids.engine.zoo import ROUTED_MODALITIES
 
     kept: dict = {}
     rejected: list[tuple[str, str]] = []
     for subject, found in images.items():
         for image in found:
+            if image.suffix not in ROUTED_MODALITIES:
+                rejected.append((subject, (
+                    f'{image.path}: its contrast {image.suffix} has no route (no zoo restores '
+                    f'it; cahal-bids restores {", ".join(ROUTED_MODALITIES)} images)'
+                )))  # fmt: skip
+                continue
             try:
                 load_header(image.path)
             except CahalError as error:

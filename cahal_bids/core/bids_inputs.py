@@ -89,7 +89,7 @@ def strip_session_prefix(label: str) -> str:
 
 
 def load_bids_filters(path: str | os.PathLike[str] | None) -> dict[str, dict[str, Any]]:
-    """Read a ``--bids-filter-file``: JSON whose keys are query names (``t1w``, ``flair``)."""
+    """Read a ``--bids-filter-file``: JSON whose keys are query names (``t1w``, ``flair``...)."""
     if path is None:
         return {}
     file = Path(path)
@@ -100,7 +100,9 @@ def load_bids_filters(path: str | os.PathLike[str] | None) -> dict[str, dict[str
     except (OSError, ValueError) as error:
         raise BIDSInputError(f'{file}: not a readable JSON file ({error})') from None
     if not isinstance(content, dict):
-        raise BIDSInputError(f'{file}: expected a JSON object with keys "t1w" and/or "flair"')
+        raise BIDSInputError(
+            f'{file}: expected a JSON object with keys among {", ".join(DEFAULT_QUERIES)}'
+        )
     unknown = sorted(set(content) - set(DEFAULT_QUERIES))
     if unknown:
         raise BIDSInputError(
@@ -156,6 +158,16 @@ class InputImage:
     @property
     def session(self) -> str | None:
         return self.entities.get('session')
+
+    @property
+    def suffix(self) -> str:
+        """The BIDS suffix of the file (its contrast), whichever query selected it.
+
+        >>> InputImage(path=Path('sub-01_acq-ax_PDw.nii.gz'), modality='T2w', subject='01').suffix
+        'PDw'
+        """
+        stem = self.path.name.split('.', 1)[0]
+        return stem.rsplit('_', 1)[-1]
 
     @property
     def key(self) -> str:

@@ -202,8 +202,9 @@ class Enhancer:
     Parameters
     ----------
     zoo
-        ``'T1w'`` or ``'FLAIR'``: the zoo shipped with the package for that modality
-        (:func:`~cahal_bids.engine.zoo.default_zoo_path`); any other string or path:
+        ``'T1w'``, ``'FLAIR'`` or ``'T2w'``: the zoo shipped with the package for that
+        contrast (:func:`~cahal_bids.engine.zoo.default_zoo_path`; the route table sends
+        T2w to the T1w zoo), serving images of that contrast; any other string or path:
         the zoo folder there (write ``'./T1w'`` for a folder of that name); or an
         opened :class:`~cahal_bids.engine.zoo.Zoo`, used as it is. The zoo is opened
         (and every expert's sha256 checked) once, here.
@@ -222,6 +223,13 @@ class Enhancer:
         about twice as fast on CPUs with AVX512-BF16; the global residual addition and
         the normalisation stay in float32) or ``'auto'`` (default; see
         :func:`resolve_precision`). The precision used is recorded in the sidecar.
+    contrast
+        The contrast (BIDS suffix) of the images served, i.e. their route, recorded in
+        the sidecar as ``route`` beside the zoo; None (default): the contrast named by
+        ``zoo`` (``Enhancer('T2w')``), else the zoo's own modality.
+        A zoo serves its own modality and the routes that the route table lends it
+        (:func:`~cahal_bids.engine.zoo.serving_modalities`: a T1w zoo serves T2w
+        images); any other contrast raises :class:`~cahal_bids.engine.zoo.ZooError`.
     """
 
     def __init__(
@@ -233,6 +241,7 @@ class Enhancer:
         overlap: float = 0.5,
         progress: bool = False,
         precision: str = 'auto',
+        contrast: str | None = None,
     ) -> None:
         if tile_size is not None and tile_size < 8:
             raise ValueError(f'tile_size must be at least 8 voxels, got {tile_size}')
@@ -246,6 +255,13 @@ class Enhancer:
         self.overlap = overlap
         self.progress = progress
         self._experts: dict[str, ResidualUNet3D] = {}
+        if contrast is None:
+            from cahal_bids.engine.zoo import ROUTED_MODALITIES
+
+            routed = isinstance(zoo, str) and zoo in ROUTED_MODALITIES
+            contrast = str(zoo) if routed else self.zoo.modality
+        self.contrast = contrast
+        self.zoo.check_serves(self.contrast)
 
     def expert(self, choice: ExpertChoice) -> ResidualUNet3D:
         """The network for an expert choice, built and loaded once."""
@@ -466,12 +482,8 @@ class Enhancer:
             'A': decision.anisotropy,
             'cell': decision.cell,
             'skipped': decision.skip,
-            'zoo': {
-                'name': self.zoo.name,
-                'version': self.zoo.version,
-                'modality': self.zoo.modality,
-                'path': str(self.zoo.path),
-            },
+            'route': self.contrast,
+            'zoo': self.zoo.record(),
             'device': str(self.device),
             'warnings': list(image.warnings),
         }

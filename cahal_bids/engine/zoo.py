@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     'MANIFEST_NAME',
+    'ROUTED_MODALITIES',
+    'SHIPPED_ZOOS',
     'ZOO_FORMAT_VERSION',
     'ExpertChoice',
     'Zoo',
@@ -48,15 +50,27 @@ __all__ = [
     'grid_definition',
     'nearest_trained_cell',
     'read_manifest',
+    'serving_modalities',
     'write_zoo',
 ]
 
 MANIFEST_NAME = 'manifest.json'
 ZOO_FORMAT_VERSION = 1
-SHIPPED_ZOOS = {'T1w': 't1w', 'FLAIR': 'flair'}
+SHIPPED_ZOOS: dict[str, str] = {
+    'T1w': 't1w',
+    'FLAIR': 'flair',
+    # No T2w zoo is trained and validated yet. The T1w experts, trained on varied anatomy,
+    # transfer across contrasts: on three unseen T2w subjects they gained +1.82 dB over
+    # cubic B-spline, no case below trilinear (issue 15). Replace this entry when a
+    # validated T2w or contrast-agnostic zoo ships.
+    'T2w': 't1w',
+}
+"""The route table, contrast of an image (its BIDS suffix) -> folder under
+``cahal_bids/zoos`` of the shipped zoo that restores it. The one place that says which
+zoo serves which contrast; a zoo may serve a route other than its own modality only
+through this table (:func:`serving_modalities`)."""
 ROUTED_MODALITIES: tuple[str, ...] = tuple(SHIPPED_ZOOS)
-"""The contrasts (BIDS suffixes) that a shipped zoo restores."""
-"""Modality -> folder under ``cahal_bids/zoos`` holding the zoo shipped with the package."""
+"""The contrasts (BIDS suffixes) that have a route, i.e. that cahal-bids restores."""
 
 
 class ZooError(CahalError):
@@ -165,6 +179,8 @@ class Zoo:
     path: Path
     manifest: dict[str, Any]
     experts: Mapping[str, Mapping[str, Any]] = field(repr=False)
+    manifest_sha256: str = field(default='', repr=False)
+    """sha256 of ``manifest.json`` as opened (it lists every expert's sha256: the zoo's id)."""
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, verify: bool = True) -> Zoo:
@@ -198,7 +214,12 @@ class Zoo:
             validated_axis_order(manifest.get('axis_order'), where=str(manifest_path))
         except ValueError as error:
             raise ZooError(str(error)) from None
-        return cls(path=root, manifest=manifest, experts=experts)
+        return cls(
+            path=root,
+            manifest=manifest,
+            experts=experts,
+            manifest_sha256=file_sha256(manifest_path),
+        )
 
     @property
     def name(self) -> str:
@@ -211,6 +232,29 @@ class Zoo:
     @property
     def modality(self) -> str:
         return str(self.manifest['modality'])
+
+    def check_serves(self, route: str) -> None:
+        """Raise :class:`ZooError` unless this zoo may restore images of contrast ``route``.
+
+        A zoo serves its own modality, and a route that the route table
+        (:data:`SHIPPED_ZOOS`) lends to a zoo of its modality (:func:`serving_modalities`).
+        """
+        accepted = serving_modalities(route)
+        if self.modality not in accepted:
+            raise ZooError(
+                f'{self.path}: this zoo was trained for {self.modality}, not {route} '
+                f'(a {route} image is restored by a zoo trained for {" or ".join(accepted)})'
+            )
+
+    def record(self) -> dict[str, str]:
+        """What a sidecar says about this zoo: name, version, modality, folder, manifest sha256."""
+        return {
+            'name': self.name,
+            'version': self.version,
+            'modality': self.modality,
+            'path': str(self.path),
+            'manifest_sha256': self.manifest_sha256,
+        }
 
     @property
     def architecture(self) -> dict[str, Any]:
@@ -272,18 +316,51 @@ class Zoo:
         return {key: value.to(torch.float32) for key, value in tensors.items()}
 
 
-def default_zoo_path(modality: str) -> Path:
-    """The zoo shipped inside the package for ``modality`` ('T1w' or 'FLAIR')."""
+def _shipped_folder(modality: str) -> Path:
     if modality not in SHIPPED_ZOOS:
-        raise ZooError(f'unknown modality {modality!r}; expected one of {sorted(SHIPPED_ZOOS)}')
-    folder = resources.files('cahal_bids').joinpath('zoos', SHIPPED_ZOOS[modality])
-    path = Path(str(folder))
+        raise ZooError(
+            f'{modality!r} has no route (no zoo restores it); the routed contrasts are '
+            f'{", ".join(ROUTED_MODALITIES)}'
+        )
+    return Path(str(resources.files('cahal_bids').joinpath('zoos', SHIPPED_ZOOS[modality])))
+
+
+def default_zoo_path(modality: str) -> Path:
+    """The shipped zoo that restores images of contrast ``modality`` (:data:`SHIPPED_ZOOS`).
+
+    ``'T2w'`` gives the T1w zoo, as the route table says.
+    """
+    path = _shipped_folder(modality)
     if not (path / MANIFEST_NAME).is_file():
         raise ZooError(
             f'no trained {modality} zoo is shipped with this version of cahal-bids '
             f'(looked in {path}); pass a zoo folder with --zoo PATH'
         )
     return path
+
+
+def serving_modalities(route: str) -> tuple[str, ...]:
+    """The zoo modalities (a manifest's ``modality``) allowed to restore ``route`` images.
+
+    The route's own contrast first, then the modality of the shipped zoo that the route
+    table (:data:`SHIPPED_ZOOS`) names for it: a T2w image may be restored by a T1w zoo
+    because the table sends T2w to the T1w zoo, but a T1w image never by a T2w zoo. A
+    contrast without a route is served only by a zoo of its own modality.
+
+    >>> serving_modalities('T2w'), serving_modalities('FLAIR')
+    (('T2w', 'T1w'), ('FLAIR',))
+    """
+    accepted = [route]
+    if route in SHIPPED_ZOOS:
+        manifest = _shipped_folder(route) / MANIFEST_NAME
+        try:
+            content = json.loads(manifest.read_text(encoding='utf-8'))
+        except (OSError, UnicodeDecodeError, ValueError):
+            content = None  # no shipped zoo: only a zoo of the route's own contrast serves it
+        lent = content.get('modality') if isinstance(content, dict) else None
+        if isinstance(lent, str) and lent not in accepted:
+            accepted.append(lent)
+    return tuple(accepted)
 
 
 def write_zoo(

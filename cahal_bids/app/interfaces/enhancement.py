@@ -11,6 +11,7 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -65,6 +66,9 @@ class _CahalEnhanceInputSpec(BaseInterfaceInputSpec):
         'auto', 'fp32', 'bf16', usedefault=True, desc='expert arithmetic (auto: bf16 if native)'
     )
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc='torch CPU threads')
+    contrast = traits.Str(
+        desc="the image's contrast (BIDS suffix), i.e. its route; default: the zoo's modality"
+    )
 
 
 class _CahalEnhanceOutputSpec(TraitedSpec):
@@ -74,7 +78,10 @@ class _CahalEnhanceOutputSpec(TraitedSpec):
 
 
 class CahalEnhance(SimpleInterface):
-    """Route an image by its header and run the one chosen expert (:class:`Enhancer`)."""
+    """Route an image by its header and run the one chosen expert (:class:`Enhancer`).
+
+    The sidecar records the image's contrast (``route``) and the zoo that served it.
+    """
 
     input_spec = _CahalEnhanceInputSpec
     output_spec = _CahalEnhanceOutputSpec
@@ -91,7 +98,12 @@ class CahalEnhance(SimpleInterface):
                 f'zoo_manifest {self.inputs.zoo_manifest} is not the manifest of the zoo {zoo}'
             )
         torch.set_num_threads(max(1, self.inputs.num_threads))
-        enhancer = Enhancer(zoo, device=self.inputs.device, precision=self.inputs.precision)
+        enhancer = Enhancer(
+            zoo,
+            device=self.inputs.device,
+            precision=self.inputs.precision,
+            contrast=self.inputs.contrast if isdefined(self.inputs.contrast) else None,
+        )
         result = enhancer.enhance_file(
             self.inputs.in_file, _output_name(self.inputs.in_file, 'cahal')
         )

@@ -36,9 +36,9 @@ def subject_log_dir(output_dir: str | Path, subject: str, run_id: str) -> Path:
     return Path(output_dir) / f'sub-{subject}' / 'log' / run_id
 
 
-def _reference_t1w(flair: InputImage, t1ws: Sequence[InputImage]) -> InputImage | None:
-    """The T1w a FLAIR is aligned to: the first of its session, else the subject's first."""
-    same_session = [t1w for t1w in t1ws if t1w.session == flair.session]
+def _reference_t1w(image: InputImage, t1ws: Sequence[InputImage]) -> InputImage | None:
+    """The T1w a FLAIR or T2w is aligned to: the first of its session, else the subject's first."""
+    same_session = [t1w for t1w in t1ws if t1w.session == image.session]
     candidates = same_session or list(t1ws)
     return candidates[0] if candidates else None
 
@@ -66,8 +66,9 @@ def init_single_subject_wf(
     """Enhance, register and write every image of one participant.
 
     Each image is an independent branch: a failure in one does not stop the
-    others. When the participant has both T1w and FLAIR images, every FLAIR also
-    gets a rigid transform to a T1w (of the same session when there is one).
+    others. When the participant has a T1w image, every image of another contrast
+    (FLAIR, T2w) also gets a rigid transform to a T1w (of the same session when there
+    is one), written as ``from-<contrast>_to-T1w``.
 
     Workflow Graph
         .. workflow::
@@ -151,30 +152,32 @@ def init_single_subject_wf(
             ]),
         ])  # fmt: skip
     t1ws = [image for image in images if image.modality == 'T1w']
-    for flair in (image for image in images if image.modality == 'FLAIR'):
-        reference = _reference_t1w(flair, t1ws)
+    for image in images:
+        reference = None if image.modality == 'T1w' else _reference_t1w(image, t1ws)
         if reference is None:
             continue
+        # e.g. flair2t1w_flair_wf, t2w2t1w_t2w_ses1_wf
+        prefix = f'{image.modality.lower()}2t1w'
         rigid_wf = init_register_wf(
             template='T1w',
             omp_nthreads=omp_nthreads,
             sloppy=sloppy,
             affine=False,
             seed=seed,
-            moving_label='FLAIR image',
-            name=f'flair2t1w_{flair.key}_wf',
+            moving_label=f'{image.modality} image',
+            name=f'{prefix}_{image.key}_wf',
         )
         ds_rigid_wf = init_ds_registration_wf(
             output_dir=output_dir,
-            entities=flair.entities,
-            modality='FLAIR',
-            relative_path=flair.relative_path,
+            entities=image.entities,
+            modality=image.modality,
+            relative_path=image.relative_path,
             template='T1w',
             resampled=False,
-            name=f'ds_flair2t1w_{flair.key}_wf',
+            name=f'ds_{prefix}_{image.key}_wf',
         )
         workflow.connect([
-            (enhanced_nodes[flair.key], rigid_wf, [('outputnode.enhanced', 'inputnode.moving')]),
+            (enhanced_nodes[image.key], rigid_wf, [('outputnode.enhanced', 'inputnode.moving')]),
             (enhanced_nodes[reference.key], rigid_wf, [
                 ('outputnode.enhanced', 'inputnode.reference'),
             ]),
@@ -188,28 +191,53 @@ def init_single_subject_wf(
     return workflow
 
 
+def _enumerate(names: Sequence[str]) -> str:
+    """``'T1w'``, ``'T1w and FLAIR'``, ``'T1w, FLAIR and T2w'``."""
+    return ' and '.join(names) if len(names) < 3 else f'{", ".join(names[:-1])} and {names[-1]}'
+
+
+def _contrasts_paragraph(
+    contrasts: Sequence[str], zoo_modalities: Mapping[str, str] | None
+) -> str:
+    """The methods text's sentence on the contrasts, and on routes served by another's zoo."""
+    text = f'Each {_enumerate(contrasts)} image was processed on its own, as follows.'
+    for contrast in contrasts:
+        served_by = (zoo_modalities or {}).get(contrast, contrast)
+        if served_by != contrast:
+            text += (
+                f' {contrast} images were restored by the zoo of experts trained for '
+                f'{served_by} images, which cahal-bids uses for {contrast} images.'
+            )
+    return text + '\n\n'
+
+
 def init_cahal_wf(
     config: RunConfig,
     images: Mapping[str, Sequence[InputImage]],
     *,
     zoo_ids: Mapping[str, str],
     template_file: str | None,
+    zoo_modalities: Mapping[str, str] | None = None,
 ) -> Workflow:
     """The whole participant-level run: one sub-workflow per participant.
 
     This is the only builder that reads the run configuration. Each participant's
     crash files go to ``<output_dir>/sub-<label>/log/<run_id>/``. Its ``__desc__`` opens
-    the methods text (software, modalities) and its ``__postdesc__`` closes it with the
+    the methods text (software, the contrasts of the images, and which zoo served a
+    contrast that has none of its own: ``zoo_modalities`` maps a contrast to the
+    modality of the zoo that served it) and its ``__postdesc__`` closes it with the
     references; the steps in between are described by the sub-workflows
     (:func:`cahal_bids.app.boilerplate.methods_text` collects them).
     """
     workflow = Workflow(name='cahal_bids_wf', base_dir=config.work_dir)
+    present = {image.modality for found in images.values() for image in found}
+    contrasts = [name for name in config.modalities if name in present] or config.modalities
     workflow.__desc__ = (
         f'Results included in this manuscript come from processing with cahal-bids '
         f'{__version__}, a BIDS-App built with Nipype {package_version("nipype")} '
         '(Gorgolewski et al., 2011) that read the dataset with PyBIDS '
-        f'{package_version("pybids")} (Yarkoni et al., 2019). Each '
-        f'{" and ".join(config.modalities)} image was processed on its own, as follows.\n\n'
+        f'{package_version("pybids")} (Yarkoni et al., 2019). '
+        + _contrasts_paragraph(contrasts, zoo_modalities)
     )
     workflow.__postdesc__ = REFERENCES
     for subject, subject_images in sorted(images.items()):

@@ -46,15 +46,17 @@ def init_enhance_wf(
     Parameters
     ----------
     modality
-        ``'T1w'`` or ``'FLAIR'`` (the zoo decides the experts; the methods text names
-        the modalities once, at the top of the run).
+        The image's contrast, i.e. its route: ``'T1w'``, ``'FLAIR'`` or ``'T2w'``. The zoo
+        decides the experts and must serve this route (a T1w zoo serves T2w images); the
+        sidecar records both. The methods text names the contrasts once, at the top of
+        the run.
     denoise
         Run ANTs adaptive non-local means before enhancement (and say so in the
         methods text, ``workflow.__desc__``).
     device
         ``'auto'``, ``'cpu'`` or ``'cuda'``.
     zoo
-        Folder of the expert zoo for this modality (absolute: nodes run in their own
+        Folder of the expert zoo that serves this route (absolute: nodes run in their own
         folders). The enhancement node's cache key is the content of the zoo's
         ``manifest.json`` (which lists every expert's sha256), not the folder's path, so
         replacing the weights in place reruns it.
@@ -113,6 +115,7 @@ def init_enhance_wf(
             device=device,
             precision=precision,
             num_threads=omp_nthreads,
+            contrast=modality,
         ),
         name='enhance',
         n_procs=omp_nthreads,
