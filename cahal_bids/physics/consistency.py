@@ -2,9 +2,13 @@
 
 "Restore, don't hallucinate" has a check that needs no ground truth: acquiring the
 restored image again with the box point-spread function of the input's voxels must
-give back the input. :func:`acquisition_rmse` measures the difference; the enhancer
-records it next to the trilinear reference's and warns when the restored image agrees
-less with the acquired data than plain interpolation does.
+give back the input. :func:`acquisition_rmse` measures the difference on the grid of
+a simulated acquisition (the evaluation protocol's); :class:`AcquiredGrid` places any
+acquired grid on its 1 mm grid (flipped axes and partial voxels included), measures
+the same difference there and projects an estimate onto the images that acquire
+exactly as the input did. The enhancer records the measure next to the trilinear
+reference's and warns when the restored image agrees less with the acquired data than
+plain interpolation does.
 
 >>> import numpy as np
 >>> low = np.arange(8.0, dtype=np.float32).reshape(2, 2, 2)
@@ -15,11 +19,17 @@ less with the acquired data than plain interpolation does.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ['acquisition_rmse', 'reacquire']
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ['AcquiredGrid', 'acquisition_rmse', 'reacquire']
 
 
 def reacquire(estimate: np.ndarray, resolution: Sequence[float]) -> np.ndarray:
@@ -62,3 +72,129 @@ def acquisition_rmse(
         return float('nan')
     difference = again[inside].astype(np.float64) - acquired[inside]
     return float(np.sqrt(np.mean(difference**2)) / data_range)
+
+
+@dataclass(frozen=True)
+class AcquiredGrid:
+    """Where an acquired grid lies on a 1 mm grid, axis by axis, under the box PSF.
+
+    Acquired voxel ``k`` of an axis spans ``[offset + k * resolution, offset + (k + 1) *
+    resolution)`` mm from the outer edge of 1 mm voxel 0 and records the mean of the
+    1 mm signal over the part of that span the 1 mm grid covers
+    (``cahal_bids.core.resampling.box_weights``). An axis with ``resolution`` 1,
+    offset 0 and as many voxels as the 1 mm grid is the identity.
+
+    >>> import torch
+    >>> grid = AcquiredGrid(shape=(2, 2, 2), resolution=(1.0, 1.0, 2.0), fine_shape=(2, 2, 4))
+    >>> fine = torch.arange(16.0).reshape(2, 2, 4)
+    >>> grid.reacquire(fine)[0, 0].tolist()
+    [0.5, 2.5]
+    >>> low = torch.zeros(2, 2, 2)
+    >>> float(grid.reacquire(grid.project(fine, low)).abs().max())
+    0.0
+    """
+
+    shape: tuple[int, int, int]
+    """Acquired voxels per axis."""
+    resolution: tuple[float, float, float]
+    """Acquired voxel size per axis, mm (each >= 1)."""
+    fine_shape: tuple[int, int, int]
+    """Voxels of the 1 mm grid per axis."""
+    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """Start of acquired voxel 0 relative to the outer edge of 1 mm voxel 0, mm."""
+
+    def __post_init__(self) -> None:
+        for name in ('shape', 'resolution', 'fine_shape', 'offset'):
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f'{name} must have 3 values, got {getattr(self, name)!r}')
+        for n, r, m, o in zip(
+            self.shape, self.resolution, self.fine_shape, self.offset, strict=True
+        ):
+            if int(n) < 1 or int(m) < 1:
+                raise ValueError(
+                    f'grid sizes must be >= 1, got {self.shape} and {self.fine_shape}'
+                )
+            if not (math.isfinite(r) and r >= 1.0 and math.isfinite(o)):
+                raise ValueError(
+                    f'resolution must be finite and >= 1 mm and offset finite, got '
+                    f'{self.resolution} and {self.offset}'
+                )
+
+    def _is_identity(self, axis: int) -> bool:
+        return (
+            self.resolution[axis] == 1.0
+            and self.offset[axis] == 0.0
+            and self.shape[axis] == self.fine_shape[axis]
+        )
+
+    def operators(self) -> list[np.ndarray | None]:
+        """Per axis, the ``(acquired, 1 mm)`` box matrix; None where the axis is the identity."""
+        from cahal_bids.core.resampling import box_weights
+
+        return [
+            None
+            if self._is_identity(axis)
+            else box_weights(
+                self.fine_shape[axis],
+                1.0,
+                self.shape[axis],
+                self.resolution[axis],
+                origin=self.offset[axis],
+            )
+            for axis in range(3)
+        ]
+
+    def back_projectors(self) -> list[np.ndarray | None]:
+        """Per axis, the ``(1 mm, acquired)`` minimum-norm right inverse ``D^T (D D^T)^-1``."""
+        return [
+            None if down is None else np.linalg.solve(down @ down.T, down).T
+            for down in self.operators()
+        ]
+
+    def reacquire(self, estimate: torch.Tensor) -> torch.Tensor:
+        """``estimate`` (the last three axes on the 1 mm grid) acquired on this grid."""
+        from cahal_bids.core.resampling import apply_separable
+
+        return apply_separable(estimate, self.operators())
+
+    def rmse(
+        self,
+        estimate: torch.Tensor,
+        acquired: torch.Tensor,
+        inside: torch.Tensor | None = None,
+    ) -> float | None:
+        """RMSE of ``estimate`` acquired again against ``acquired``, over ``inside``.
+
+        ``inside`` is a boolean mask on the acquired grid (None: every voxel); None is
+        returned when it selects nothing.
+        """
+        import torch
+
+        # a new tensor even where every axis is the identity (reacquire may return estimate)
+        squared = (self.reacquire(estimate) - acquired).square_()
+        if inside is not None:
+            squared.masked_fill_(~inside, 0.0)
+        count = squared.numel() if inside is None else int(inside.sum())
+        if count == 0:
+            return None
+        return math.sqrt(float(squared.sum(dtype=torch.float64)) / count)
+
+    def project(self, estimate: torch.Tensor, acquired: torch.Tensor) -> torch.Tensor:
+        """The nearest image to ``estimate`` (least squares) that acquires exactly as ``acquired``.
+
+        Adds the back-projection ``D^T (D D^T)^-1 (acquired - D estimate)`` of the residual,
+        separable because the box operator ``D`` is. It is the orthogonal projection onto
+        the images consistent with the acquisition, so it can only bring ``estimate``
+        closer (in the L2 norm over the grid) to any image that acquires as ``acquired``
+        does, the truth of a box-PSF simulation included. One step is exact up to the
+        rounding of ``estimate``'s dtype (float32: re-acquisition RMSE of about 1e-7 of
+        the intensities). Where every acquired voxel covers an integer number of 1 mm
+        voxels the back-projection copies each voxel's residual onto those voxels; at
+        voxel sizes just above 1 mm, where an acquired voxel straddles two 1 mm voxels
+        in equal parts, a residual that alternates from voxel to voxel needs a larger
+        correction (up to about 5 times at 1.02 mm).
+        """
+        from cahal_bids.core.resampling import apply_separable
+
+        residual = acquired.to(estimate.dtype) - self.reacquire(estimate)
+        return estimate + apply_separable(residual, self.back_projectors())
