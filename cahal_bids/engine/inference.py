@@ -6,9 +6,13 @@ an :class:`EnhancedImage` out) or file to file (:meth:`Enhancer.enhance_file`). 
 pipeline for one image is:
 
 validate -> canonical RAS (lossless) -> robust intensity normalisation ->
-trilinear to the native 1 mm grid -> expert (tiled, memory-aware) -> undo the
-normalisation -> back to the input's own voxel axes, with a provenance record of
-every decision (for files: written atomically, with the record as a JSON sidecar).
+trilinear to the native 1 mm grid -> expert (tiled, memory-aware) -> consistency
+guard (:mod:`cahal_bids.engine.consistency_guard`: the output acquired again against the
+input, next to the trilinear reference; optionally projected onto the acquired data)
+-> undo the normalisation -> back to the input's own voxel axes, with a provenance
+record of every decision (for files: written atomically, with the record as a JSON
+sidecar). A restored image that agrees less with the acquired data than trilinear
+interpolation is flagged in the record and logged as a WARNING (logger of this module).
 
 Images already at 1 mm or finer along every axis come back unchanged (same grid,
 same values) and the provenance says so.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import platform
@@ -41,12 +46,16 @@ if TYPE_CHECKING:
     from cahal_bids.engine.networks import ResidualUNet3D
     from cahal_bids.engine.zoo import ExpertChoice, Zoo
 
+logger = logging.getLogger(__name__)
+
 PRECISIONS = ('auto', 'fp32', 'bf16')
 """The expert arithmetic an :class:`Enhancer` accepts (see :func:`resolve_precision`)."""
 OUTPUT_COPIES = 6
 """Float32 volumes of the output grid alive at once outside the network (RAS copies,
 normalised input, upsampled input, output, reoriented output): the memory a restore
 needs besides the expert's own, which tiling bounds."""
+PROJECTION_COPIES = 2
+"""More such volumes alive while the output is projected onto the acquired data."""
 
 __all__ = [
     'IN_MEMORY_HASH',
@@ -158,6 +167,8 @@ class EnhancedImage:
     the input (``input``, ``input_sha256``, its shape and voxel sizes), the routing
     (``V``, ``A``, ``cell``, ``skipped``), the zoo and the expert (``expert``: cell,
     file, sha256, substitution), ``device``, ``precision``, tiling, normalisation,
+    ``consistency`` (the guard's record, see
+    :func:`~cahal_bids.engine.consistency_guard.consistency_guard`; absent when skipped),
     ``output_shape`` and ``output_affine``, ``warnings``, ``seconds`` and the
     ``software`` versions. For an image enhanced in memory ``input`` is None and
     ``input_hashed`` says what ``input_sha256`` covers
@@ -230,6 +241,13 @@ class Enhancer:
         A zoo serves its own modality and the routes that the route table lends it
         (:func:`~cahal_bids.engine.zoo.serving_modalities`: a T1w zoo serves T2w
         images); any other contrast raises :class:`~cahal_bids.engine.zoo.ZooError`.
+    consistency_projection
+        After the expert, project the restored image onto the images that acquire
+        exactly as the input (box point-spread function, least-squares nearest;
+        :meth:`~cahal_bids.physics.consistency.AcquiredGrid.project`): re-acquiring the
+        output then reproduces the input, with its sub-millimetre axes area-averaged to
+        1 mm, to float32 rounding. Off by default; the sidecar's
+        ``consistency.projection`` records it.
     """
 
     def __init__(
@@ -242,6 +260,7 @@ class Enhancer:
         progress: bool = False,
         precision: str = 'auto',
         contrast: str | None = None,
+        consistency_projection: bool = False,
     ) -> None:
         if tile_size is not None and tile_size < 8:
             raise ValueError(f'tile_size must be at least 8 voxels, got {tile_size}')
@@ -254,6 +273,7 @@ class Enhancer:
         self.tile_size = tile_size
         self.overlap = overlap
         self.progress = progress
+        self.consistency_projection = bool(consistency_projection)
         self._experts: dict[str, ResidualUNet3D] = {}
         if contrast is None:
             from cahal_bids.engine.zoo import ROUTED_MODALITIES
@@ -360,7 +380,8 @@ class Enhancer:
         from cahal_bids.engine.tiling import available_memory_bytes
 
         voxels = int(np.prod(shape))
-        needed = voxels * 4 * OUTPUT_COPIES
+        copies = OUTPUT_COPIES + (PROJECTION_COPIES if self.consistency_projection else 0)
+        needed = voxels * 4 * copies
         available = available_memory_bytes('cpu')
         if needed > available:
             raise CahalError(
@@ -371,13 +392,17 @@ class Enhancer:
     def restore(
         self, data: np.ndarray, affine: np.ndarray, decision: Route
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Restore one validated array; returns (1 mm data, its affine, run details)."""
+        """Restore one validated array; returns (1 mm data, its affine, run details).
+
+        The details hold the consistency guard's record under ``consistency``.
+        """
         import torch
 
         from cahal_bids.core.axis_order import inverse, thickest_last
         from cahal_bids.core.grid import native_grid, resample_to_native_grid
         from cahal_bids.core.normalization import RobustScale, head_threshold
         from cahal_bids.core.orientation import Reorientation
+        from cahal_bids.engine.consistency_guard import consistency_guard, routed_acquisition
 
         if decision.cell is None:
             raise ValueError('restore() needs a routed (not skipped) image')
@@ -389,16 +414,13 @@ class Enhancer:
         ras = reorientation.to_ras(np.ascontiguousarray(data, dtype=np.float32))
         scaler = RobustScale.from_config(self.zoo.normalization, ras)
         normalized = scaler.normalize(ras)
-        # the head level is needed only to centre patch-mean statistics' patches
-        threshold = (
-            head_threshold(
-                normalized,
-                head_fraction=scaler.head_fraction,
-                reference_percentile=scaler.head_reference_percentile,
-            )
-            if self.zoo.norm_statistics['method'] == 'patch-mean'
-            else None
+        # the head level centres patch-mean statistics' patches and bounds the guard's mask
+        head_level = head_threshold(
+            normalized,
+            head_fraction=scaler.head_fraction,
+            reference_percentile=scaler.head_reference_percentile,
         )
+        threshold = head_level if self.zoo.norm_statistics['method'] == 'patch-mean' else None
         ras_sizes = reorientation.sizes_to_ras(decision.voxel_sizes)
         ras_out_shape = reorientation.sizes_to_ras(grid.shape)
         order = (
@@ -423,6 +445,17 @@ class Enhancer:
                     0.0 if threshold is None else threshold,
                 )
             restored_ras = restored[0, 0].permute(inverse(order)).to('cpu', torch.float32)
+            acquired, acquired_grid = routed_acquisition(
+                low, ras_sizes, ras_out_shape, reorientation.flipped_in_ras
+            )
+            restored_ras, consistency = consistency_guard(
+                restored_ras,
+                upsampled,
+                acquired,
+                acquired_grid,
+                None if head_level is None else acquired > head_level,
+                project=self.consistency_projection,
+            )
             restored_ras = np.ascontiguousarray(restored_ras.numpy())
             tile_used = tuple(tile_used[axis] for axis in inverse(order))
         output = reorientation.from_ras(scaler.denormalize(restored_ras)).astype(np.float32)
@@ -440,6 +473,7 @@ class Enhancer:
             'tile_size': list(tile_used),
             'precision': self.precision,
             'tiled': tile_used != tuple(restored_ras.shape),
+            'consistency': consistency,
         }
         return np.ascontiguousarray(output), grid.affine, details
 
@@ -493,12 +527,31 @@ class Enhancer:
         else:
             output, affine, details = self.restore(image.data, image.affine, decision)
             provenance.update(details)
+            self._warn_if_inconsistent(provenance)
         provenance['output_shape'] = list(output.shape)
         provenance['output_affine'] = np.asarray(affine).tolist()
         restored = nifti_image(output, affine, header_like=image.header)
         provenance['seconds'] = round(time.perf_counter() - started, 3)
         provenance['software'] = software_versions()
         return EnhancedImage(image=restored, provenance=provenance)
+
+    @staticmethod
+    def _warn_if_inconsistent(provenance: dict[str, Any]) -> None:
+        """Log (and list in ``warnings``) a restored image less consistent than trilinear."""
+        record = provenance.get('consistency') or {}
+        if not record.get('warning'):
+            return
+        name = provenance.get('input') or 'the in-memory image'
+        ratio = 'n/a' if record['ratio'] is None else f'{record["ratio"]:.3g}'
+        before = ', before its projection onto the acquired data,' if record['projection'] else ''
+        message = (
+            f'the restored image{before} agrees less with the acquired data than trilinear '
+            f'interpolation (re-acquisition RMSE {record["rmse_expert"]:.4g} against '
+            f'{record["rmse_trilinear"]:.4g}, ratio {ratio}): the expert may have invented '
+            'detail; check the image'
+        )
+        provenance['warnings'].append(message)
+        logger.warning('%s: %s', name, message)
 
     def enhance_file(
         self, input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]

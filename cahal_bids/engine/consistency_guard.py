@@ -1,0 +1,218 @@
+"""The per-image consistency guard: does the restored image still acquire as the input?
+
+"Restore, don't hallucinate" has a check that needs no ground truth. After the expert,
+the restored 1 mm image is acquired again onto the grid the input was routed on, with
+the box point-spread function of its voxels
+(:class:`~cahal_bids.physics.consistency.AcquiredGrid`), and compared with that input;
+the trilinear reference (the expert's own input) gets the same measure. Trilinear
+interpolation followed by the box PSF smooths along every thick axis, so it never
+reproduces a sharp acquisition exactly; an expert that restores detail which was really
+acquired brings the measure down, one that invents detail (or overshoots) pushes it up.
+When the expert's output agrees less with what was acquired than trilinear interpolation
+does, the guard sets ``warning``. Smoothing what was acquired (denoising along a 1 mm
+axis, say) pushes the measure up too: the guard measures agreement with the data, not
+realism, so a warning asks for a look at the image rather than proving an invention.
+
+The comparison happens in the routed geometry, exactly where the trilinear reference
+was computed: the normalised input in RAS order, its sub-millimetre axes area-averaged
+to 1 mm (``cahal_bids.core.grid.axis_operator``), inside the normalisation's head
+mask (``cahal_bids.core.normalization.head_threshold``), in units of the robust
+intensity scale the image was divided by.
+
+Optionally (:class:`~cahal_bids.engine.inference.Enhancer`'s ``consistency_projection``)
+the restored image is projected onto the images that acquire exactly as the input
+(:meth:`~cahal_bids.physics.consistency.AcquiredGrid.project`); the guard then still
+judges the expert's own output (``rmse_expert``), since the projection removes what the
+acquisition can see of an invented detail, not the detail itself.
+
+>>> import torch
+>>> from cahal_bids.core.grid import resample_to_native_grid
+>>> low = torch.tensor([[[0.0, 1.0, 0.0, 1.0]]]).repeat(2, 2, 1)  # sharp, 1 x 1 x 2 mm
+>>> acquired, grid = routed_acquisition(low, (1.0, 1.0, 2.0), (2, 2, 8), (False,) * 3)
+>>> exact = low.repeat_interleave(2, dim=2)  # a perfect restoration of this acquisition
+>>> trilinear = resample_to_native_grid(low, (1.0, 1.0, 2.0), (2, 2, 8))
+>>> _, record = consistency_guard(exact, trilinear, acquired, grid, None)
+>>> record['rmse_cahal'], record['rmse_trilinear'] > 0, record['warning']
+(0.0, True, False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cahal_bids.physics.consistency import AcquiredGrid
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    'CONSISTENCY_MEASURE',
+    'CONSISTENCY_TOLERANCE',
+    'consistency_guard',
+    'project_onto_acquired',
+    'routed_acquisition',
+]
+
+CONSISTENCY_TOLERANCE = 0.02
+"""How much worse than trilinear (relative RMSE) the expert's output may be before the
+guard warns: ``warning`` when ``rmse_expert > (1 + CONSISTENCY_TOLERANCE) * rmse_trilinear``.
+
+An expert that leaves its input unchanged scores exactly trilinear's RMSE (ratio 1),
+and the expert's arithmetic moves the ratio by far less than 2 %: bf16 rounds the
+residual branch to 8 significant bits (about 0.4 % of the residual; the shipped zoos'
+validation PSNR moves by 0.006 dB on average), float16 weights and the order of tiled
+additions less still. A ratio above 1.02 is therefore the expert's doing, not rounding.
+Measured with the zoos of 0.4.0.dev0: the T1w zoo scores 0.76 and 0.87 on
+``sub-philips01`` acquired at 1 x 2 x 4 and 1 x 1 x 5 mm, 0.60 and 0.75 on real
+clinical T2w and FLAIR, but 1.27 at 1 x 1 x 3 mm (cell V3A2, where it is also 0.2 dB
+below trilinear in PSNR) and 1.15 to 1.37 on three real 3 mm T1w (V3A2); the FLAIR zoo
+scores 1.12 to 1.38 on real FLAIRs and 2.28 on a real T1w."""
+
+ABSOLUTE_FLOOR = 1e-6
+"""RMSE (in units of the intensity scale) below which the output counts as exactly
+consistent, whatever trilinear scores (float32 rounding of a perfect restoration)."""
+
+CONSISTENCY_MEASURE = (
+    'RMSE of the output re-acquired with the box PSF against the acquired image, in units '
+    'of the robust intensity scale, inside the head'
+)
+"""What ``rmse_cahal`` and ``rmse_trilinear`` measure, as the sidecar says it."""
+
+
+def routed_acquisition(
+    low: torch.Tensor,
+    voxel_sizes: Sequence[float],
+    out_shape: Sequence[int],
+    flipped: Sequence[bool],
+) -> tuple[torch.Tensor, AcquiredGrid]:
+    """The acquired image in the routed geometry and where it lies on the 1 mm grid.
+
+    ``low`` (RAS order, normalised), ``voxel_sizes``, ``out_shape`` and ``flipped`` are
+    what ``cahal_bids.core.grid.resample_to_native_grid`` receives for the trilinear
+    reference. Sub-millimetre axes are area-averaged onto the 1 mm grid, as that function
+    does before anything else meets them; the other axes keep their acquired voxels, whose
+    1 mm grid starts at their outer edge (at the far end on a ``flipped`` axis, so there
+    acquired voxel 0 starts ``m - n * r`` mm from the 1 mm grid's edge).
+    """
+    from cahal_bids.core.grid import axis_operator
+    from cahal_bids.core.resampling import apply_separable
+
+    averaging: list[Any] = []
+    shape, resolution, offset = [], [], []
+    for n, r, m, flip in zip(low.shape[-3:], voxel_sizes, out_shape, flipped, strict=True):
+        r, m = float(r), int(m)
+        if r < 1.0:
+            averaging.append(axis_operator(int(n), r, m, flipped=bool(flip)))
+            shape.append(m)
+            resolution.append(1.0)
+            offset.append(0.0)
+        else:
+            averaging.append(None)
+            shape.append(int(n))
+            resolution.append(r)
+            offset.append(m - int(n) * r if flip else 0.0)
+    if any(matrix is not None for matrix in averaging):
+        low = apply_separable(low, averaging)
+    grid = AcquiredGrid(
+        shape=tuple(shape),  # type: ignore[arg-type]
+        resolution=tuple(resolution),  # type: ignore[arg-type]
+        fine_shape=tuple(int(m) for m in out_shape),  # type: ignore[arg-type]
+        offset=tuple(offset),  # type: ignore[arg-type]
+    )
+    return low, grid
+
+
+def _significant(value: float | None) -> float | None:
+    return None if value is None else float(f'{value:.6g}')
+
+
+def consistency_guard(
+    restored: torch.Tensor,
+    trilinear: torch.Tensor,
+    acquired: torch.Tensor,
+    grid: AcquiredGrid,
+    inside: torch.Tensor | None,
+    *,
+    project: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Measure (and with ``project`` enforce) the consistency of ``restored``.
+
+    ``restored`` (the expert's output) and ``trilinear`` (its input) are on the 1 mm
+    grid, ``acquired`` and the boolean mask ``inside`` (None: every voxel) on ``grid``'s
+    acquired grid, all in RAS order and normalised units; ``trilinear`` may live on
+    another device. Returns the image to keep (``restored`` itself unless ``project``)
+    and the sidecar record: ``rmse_cahal`` (the returned image), ``rmse_expert`` (the
+    expert's output, the same without projection), ``rmse_trilinear``, ``ratio``
+    (``rmse_expert / rmse_trilinear``), ``warning``, ``tolerance``, ``projection`` and
+    ``measure``. RMSEs are None when the head mask is empty.
+    """
+
+    def on(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return acquired.to(device, dtype), None if inside is None else inside.to(device)
+
+    rmse_trilinear = grid.rmse(trilinear, *on(trilinear.device, trilinear.dtype))
+    target, mask = on(restored.device, restored.dtype)
+    rmse_expert = grid.rmse(restored, target, mask)
+    output = grid.project(restored, target) if project else restored
+    rmse_cahal = grid.rmse(output, target, mask) if project else rmse_expert
+    ratio = None
+    warning = False
+    if rmse_expert is not None and rmse_trilinear is not None:
+        if rmse_trilinear > 0:
+            ratio = rmse_expert / rmse_trilinear
+        warning = rmse_expert > ABSOLUTE_FLOOR and (
+            rmse_expert > (1.0 + CONSISTENCY_TOLERANCE) * rmse_trilinear
+        )
+    record = {
+        'rmse_cahal': _significant(rmse_cahal),
+        'rmse_trilinear': _significant(rmse_trilinear),
+        'rmse_expert': _significant(rmse_expert),
+        'ratio': _significant(ratio),
+        'warning': bool(warning),
+        'tolerance': CONSISTENCY_TOLERANCE,
+        'projection': bool(project),
+        'measure': CONSISTENCY_MEASURE,
+    }
+    return output, record
+
+
+def project_onto_acquired(restored: np.ndarray, low: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The projection of ``Enhancer(consistency_projection=True)``, applied afterwards.
+
+    ``restored`` is an image on the native 1 mm grid of ``low`` (whose voxel-to-world
+    matrix is ``affine``), in its voxel axes, as
+    :meth:`~cahal_bids.engine.inference.Enhancer.restore` returns it; the result is the
+    nearest image (least squares) whose re-acquisition gives back ``low`` (its
+    sub-millimetre axes area-averaged), found in the same routed geometry as the
+    enhancer's own projection. The projection commutes with the intensity scale, so this
+    equals projecting inside the enhancer, to float32 rounding. The evaluation
+    protocol's ``cahal+projection`` method uses it, so that one expert run serves both
+    ``cahal`` and ``cahal+projection``.
+    """
+    import torch
+
+    from cahal_bids.core.grid import native_grid
+    from cahal_bids.core.orientation import Reorientation
+
+    matrix = np.asarray(affine, dtype=np.float64)
+    sizes = np.sqrt(np.sum(matrix[:3, :3] ** 2, axis=0)).tolist()
+    grid = native_grid(low.shape, matrix)
+    if tuple(restored.shape) != grid.shape:
+        raise ValueError(
+            f'restored image of shape {tuple(restored.shape)} is not on the native grid '
+            f'{grid.shape} of the acquired image'
+        )
+    reorientation = Reorientation.from_affine(matrix, low.shape)
+    with torch.inference_mode():
+        acquired, acquired_grid = routed_acquisition(
+            torch.from_numpy(reorientation.to_ras(np.ascontiguousarray(low, dtype=np.float32))),
+            reorientation.sizes_to_ras(sizes),
+            reorientation.sizes_to_ras(grid.shape),
+            reorientation.flipped_in_ras,
+        )
+        estimate = reorientation.to_ras(np.ascontiguousarray(restored, dtype=np.float32))
+        projected = acquired_grid.project(torch.from_numpy(estimate), acquired).numpy()
+    return np.ascontiguousarray(reorientation.from_ras(projected), dtype=np.float32)
