@@ -49,6 +49,7 @@ class RunConfig:
     plugin_file: str = ''
     device: str = 'auto'
     precision: str = 'auto'
+    consistency_projection: bool = False
     zoos: dict[str, str] = field(default_factory=dict)
     denoise: bool = True
     skip_registration: bool = False

@@ -99,6 +99,14 @@ def build_parser():
         help='arithmetic of the expert; auto (default) is bf16 where the CPU or GPU computes '
         'it natively (about twice as fast), else fp32',
     )
+    parser.add_argument(
+        '--consistency-projection',
+        '--consistency_projection',
+        action='store_true',
+        help='project the restored image onto the acquired data, so that acquiring it again '
+        'with the box point-spread function gives back the input (default: off; the '
+        'sidecar records it)',
+    )
     parser.add_argument('--quiet', '-q', action='store_true', help='no progress bar')
     return parser
 
@@ -167,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _enhance(args) -> int:
+    import logging
+
     import torch
 
     from cahal_bids.core.errors import CahalError
@@ -174,6 +184,8 @@ def _enhance(args) -> int:
     from cahal_bids.engine.zoo import Zoo, ZooError, default_zoo_path
 
     torch.set_num_threads(args.threads or default_threads())
+    # the consistency guard's WARNING, as one line with the program's name
+    logging.basicConfig(format=f'{PROG}: %(levelname)s: %(message)s', level=logging.WARNING)
     try:
         device = resolve_device(args.device)
         zoo = Zoo.open(args.zoo if args.zoo is not None else default_zoo_path(args.modality))
@@ -188,6 +200,7 @@ def _enhance(args) -> int:
             progress=not args.quiet,
             precision=args.precision,
             contrast=args.modality,
+            consistency_projection=args.consistency_projection,
         )
     except ZooError as error:  # the zoo does not serve this contrast
         report_error(PROG, f'{error}; pass --modality to match or another --zoo')

@@ -27,6 +27,8 @@ from cahal_bids.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, make_parser
 from cahal_bids.core.modalities import MODALITIES
 
 PROG = 'cahal-eval'
+PROJECTED = 'cahal+projection'
+"""The method ``--consistency-projection`` adds."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         action='store_true',
         help='FLAIR: also find hyperintense lesions in the ground truth by a fixed threshold '
         'and measure each method on them (real_lesions.json, real_lesions.md)',
+    )
+    parser.add_argument(
+        '--consistency-projection',
+        '--consistency_projection',
+        action='store_true',
+        help="also evaluate 'cahal+projection': CAHAL's output projected onto the acquired "
+        'data, as cahal-enhance --consistency-projection does (the same expert run)',
     )
     parser.add_argument(
         '--no-flat-check',
@@ -258,6 +267,7 @@ def _evaluate_cell(
         extra_methods=extra,
         segmenter=segmenter,
         on_estimates=examples,
+        consistency_projection=args.consistency_projection,
     )
     folder.mkdir(parents=True, exist_ok=True)
     if examples.slices:
@@ -332,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         name: command_method(name, template, timeout_s=args.method_timeout)
         for name, template in templates.items()
     }
+    # the built-in projection is part of what makes a finished cell reusable
+    compared = {**templates, **({PROJECTED: 'built-in'} if args.consistency_projection else {})}
     rows: list[dict[str, Any]] = []
     progress = None if args.quiet else (lambda text: print(text, file=sys.stderr))
     for entry in entries:
@@ -345,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     enhancer=enhancer,
                     extra=extra,
                     segmenter=segmenter,
-                    fingerprint=_fingerprint(args, zoo, templates, cell),
+                    fingerprint=_fingerprint(args, zoo, compared, cell),
                     cache=cache,
                 )
             except CahalError as error:
@@ -353,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return EXIT_FAILURE
             if progress is not None:
                 progress(f'{PROG}: {entry.directory.name} {cell} done')
-    methods = {'trilinear': None, 'cubic': None, 'cahal': None, **extra}
+    methods = {'trilinear': None, 'cubic': None, 'cahal': None, **compared, **extra}
     summary = _summary_from_dicts(rows)
     tables = markdown_tables(summary)
     bias = volumetric_bias(rows)
@@ -368,12 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     real_lesion_rows: list[dict] = []
     if args.lesions or args.real_lesions:
         from cahal_bids.evaluation.lesions import evaluate_lesions, evaluate_real_lesions
-        from cahal_bids.evaluation.protocol import cahal_method, cubic_bspline, trilinear
+        from cahal_bids.evaluation.protocol import cahal_methods, cubic_bspline, trilinear
 
         lesion_methods = {
             'trilinear': trilinear,
             'cubic': cubic_bspline,
-            'cahal': cahal_method(enhancer),
+            **cahal_methods(enhancer, projection=args.consistency_projection),
             **extra,
         }
         for entry in entries:

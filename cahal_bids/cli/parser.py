@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         help='skip the non-local means denoising before enhancement',
     )
     processing.add_argument(
+        *_both_spellings('consistency-projection'),
+        dest='consistency_projection',
+        action='store_true',
+        help='project each restored image onto its acquired data, so that acquiring it '
+        'again with the box point-spread function gives back the input (default: off)',
+    )
+    processing.add_argument(
         *_both_spellings('skip-registration'),
         dest='skip_registration',
         action='store_true',

@@ -10,7 +10,11 @@ method restores the low-resolution image to 1 mm:
 * ``cubic``: cubic B-spline interpolation (``scipy.ndimage.map_coordinates``,
   order 3) at the same voxel centres;
 * ``cahal``: the product path, :meth:`cahal_bids.engine.inference.Enhancer.restore` on the
-  low-resolution array and its affine.
+  low-resolution array and its affine;
+* ``cahal+projection`` (on request): the same restored image projected onto the images
+  that acquire exactly as the low-resolution one, as ``--consistency-projection`` does
+  (:func:`cahal_bids.engine.consistency_guard.project_onto_acquired`; one expert run
+  serves both, so its ``seconds`` are the projection's alone).
 
 Metrics, inside the truth's head mask: PSNR with data range ``max - min`` of the
 truth in the mask, SSIM (Gaussian window, sigma 1.5 voxels, the usual constants
@@ -49,6 +53,8 @@ if TYPE_CHECKING:
 __all__ = [
     'EvaluationCase',
     'acquire',
+    'cahal_method',
+    'cahal_methods',
     'cubic_bspline',
     'data_consistency',
     'evaluate_volume',
@@ -131,15 +137,43 @@ def cubic_bspline(
     return out.astype(np.float32)
 
 
+def cahal_methods(enhancer: Enhancer, *, projection: bool = False) -> dict[str, Method]:
+    """CAHAL as evaluation methods: route the simulated resolution, restore, crop.
+
+    ``{'cahal': ...}``, and with ``projection`` also ``'cahal+projection'``: the same
+    restored image projected onto the acquired data
+    (:func:`~cahal_bids.engine.consistency_guard.project_onto_acquired`). The expert
+    runs once per low-resolution image: the second method reuses the first's result
+    when it is called with the same ``low`` array (as :func:`evaluate_volume` does),
+    and restores afresh otherwise.
+    """
+    last: dict[str, Any] = {}
+
+    def restore(low, affine, resolution):
+        if last.get('low') is not low:
+            restored, _, _ = enhancer.restore(low, affine, route(resolution))
+            last.clear()
+            last.update(low=low, restored=restored)
+        return last['restored']
+
+    def cahal(low, affine, resolution, shape):
+        return restore(low, affine, resolution)[: shape[0], : shape[1], : shape[2]]
+
+    methods: dict[str, Method] = {'cahal': cahal}
+    if projection:
+        from cahal_bids.engine.consistency_guard import project_onto_acquired
+
+        def projected(low, affine, resolution, shape):
+            restored = project_onto_acquired(restore(low, affine, resolution), low, affine)
+            return restored[: shape[0], : shape[1], : shape[2]]
+
+        methods['cahal+projection'] = projected
+    return methods
+
+
 def cahal_method(enhancer: Enhancer) -> Method:
     """CAHAL as an evaluation method: route the simulated resolution, restore, crop."""
-
-    def method(low, affine, resolution, shape):
-        decision = route(resolution)
-        restored, _, _ = enhancer.restore(low, affine, decision)
-        return restored[: shape[0], : shape[1], : shape[2]]
-
-    return method
+    return cahal_methods(enhancer)['cahal']
 
 
 def psnr(truth: np.ndarray, estimate: np.ndarray, mask: np.ndarray, data_range: float) -> float:
@@ -254,17 +288,19 @@ def evaluate_volume(
     progress: Callable[[str], None] | None = None,
     segmenter: TissueSegmenter | None = None,
     on_estimates: EstimatesHook | None = None,
+    consistency_projection: bool = False,
 ) -> list[EvaluationCase]:
     """Run the protocol on one prepared ground truth; returns every case.
 
     Seeds depend on the cell's place in the full grid, not in ``cells``, so running
     the cells one at a time (as a resumable run does) gives the same cases.
+    ``consistency_projection`` adds the method ``cahal+projection`` (with an enhancer).
     """
     mask = head_mask.astype(bool)
     data_range = float(truth[mask].max() - truth[mask].min())
     methods: dict[str, Method] = {'trilinear': trilinear, 'cubic': cubic_bspline}
     if enhancer is not None:
-        methods['cahal'] = cahal_method(enhancer)
+        methods.update(cahal_methods(enhancer, projection=consistency_projection))
     methods.update(extra_methods or {})
     truth_labels = None
     if segmenter is not None:

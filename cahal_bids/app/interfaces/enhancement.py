@@ -65,6 +65,9 @@ class _CahalEnhanceInputSpec(BaseInterfaceInputSpec):
     precision = traits.Enum(
         'auto', 'fp32', 'bf16', usedefault=True, desc='expert arithmetic (auto: bf16 if native)'
     )
+    consistency_projection = traits.Bool(
+        False, usedefault=True, desc='project the restored image onto the acquired data'
+    )
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc='torch CPU threads')
     contrast = traits.Str(
         desc="the image's contrast (BIDS suffix), i.e. its route; default: the zoo's modality"
@@ -103,6 +106,7 @@ class CahalEnhance(SimpleInterface):
             device=self.inputs.device,
             precision=self.inputs.precision,
             contrast=self.inputs.contrast if isdefined(self.inputs.contrast) else None,
+            consistency_projection=self.inputs.consistency_projection,
         )
         result = enhancer.enhance_file(
             self.inputs.in_file, _output_name(self.inputs.in_file, 'cahal')

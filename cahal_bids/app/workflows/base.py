@@ -61,6 +61,7 @@ def init_single_subject_wf(
     sloppy: bool,
     omp_nthreads: int,
     seed: int,
+    consistency_projection: bool = False,
     name: str | None = None,
 ) -> Workflow:
     """Enhance, register and write every image of one participant.
@@ -98,6 +99,7 @@ def init_single_subject_wf(
             zoo=zoos[image.modality],
             zoo_id=zoo_ids[image.modality],
             precision=precision,
+            consistency_projection=consistency_projection,
             omp_nthreads=omp_nthreads,
             seed=seed,
             name=f'enhance_{image.key}_wf',
@@ -250,6 +252,7 @@ def init_cahal_wf(
             denoise=config.denoise,
             device=config.device,
             precision=config.precision,
+            consistency_projection=config.consistency_projection,
             template=config.template,
             template_file=template_file,
             skip_registration=config.skip_registration,

@@ -29,6 +29,7 @@ def init_enhance_wf(
     omp_nthreads: int,
     zoo_id: str = '',
     precision: str = 'auto',
+    consistency_projection: bool = False,
     seed: int = 0,
     name: str = 'enhance_wf',
 ) -> Workflow:
@@ -65,6 +66,9 @@ def init_enhance_wf(
     zoo_id
         An optional label of the zoo (``cahal-bids`` passes its name, version and manifest
         hash), added to the cache key.
+    consistency_projection
+        Project each restored image onto its acquired data
+        (:class:`~cahal_bids.engine.inference.Enhancer`'s ``consistency_projection``).
 
     Inputs
     ------
@@ -100,7 +104,19 @@ def init_enhance_wf(
         'missing high-frequency content. The network was one of 18 experts of a '
         'deterministic mixture, chosen from the image header alone by voxel volume (7 bins) '
         'and anisotropy (3 bins). Images already at 1 mm or finer were kept as they were. '
-        f'PyTorch {package_version("torch")} ran the experts.\n\n'
+        f'PyTorch {package_version("torch")} ran the experts. '
+        + (
+            'Each restored image was then projected onto its acquired data: the nearest '
+            'image, in the least-squares sense, that gives back the input when acquired '
+            'again with the box point-spread function of its voxels. '
+            if consistency_projection
+            else ''
+        )
+        + 'The consistency of each restored image with its acquired data was checked '
+        'without ground truth: the image was acquired again with the box point-spread '
+        'function of the input voxels and compared with the input (root mean squared '
+        'difference inside the head), next to the same measure for trilinear interpolation, '
+        'and images less consistent than trilinear interpolation were flagged.\n\n'
     )
     inputnode = pe.Node(niu.IdentityInterface(fields=['in_file']), name='inputnode')
     outputnode = pe.Node(
@@ -114,6 +130,7 @@ def init_enhance_wf(
             **({'zoo_id': zoo_id} if zoo_id else {}),
             device=device,
             precision=precision,
+            consistency_projection=consistency_projection,
             num_threads=omp_nthreads,
             contrast=modality,
         ),
