@@ -6,12 +6,19 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cahal_bids.core.atomic import write_text_atomic
 
-__all__ = ['GROUP_COLUMNS', 'collect_group_rows', 'registration_sidecar', 'write_group_summary']
+__all__ = [
+    'GROUP_COLUMNS',
+    'collect_group_rows',
+    'consistency_warnings',
+    'registration_sidecar',
+    'write_group_summary',
+]
 
 GROUP_COLUMNS = (
     'subject',
@@ -27,6 +34,9 @@ GROUP_COLUMNS = (
     'seconds',
     'registration_correlation',
     'registration_mattes_mi',
+    'consistency_rmse_cahal',
+    'consistency_rmse_trilinear',
+    'consistency_warning',
 )
 
 
@@ -49,6 +59,36 @@ def registration_sidecar(enhanced_sidecar: Path) -> Path | None:
     return matches[0] if matches else None
 
 
+def _rmse(record: dict[str, Any], key: str) -> str:
+    value = record.get(key)
+    return 'n/a' if value is None else f'{value:.4g}'
+
+
+def consistency_warnings(
+    output_dir: str | os.PathLike[str], subjects: Sequence[str] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """``(file, consistency record)`` of every enhanced image the consistency guard flagged.
+
+    ``file`` is the image's path relative to ``output_dir``; ``subjects`` (labels without
+    ``sub-``) narrows the search.
+    """
+    root = Path(output_dir)
+    flagged = []
+    for sidecar in sorted(root.glob('sub-*/**/anat/*_desc-cahal_*.json')):
+        if '_space-' in sidecar.name or (
+            subjects is not None and _entity(sidecar.name, 'sub') not in subjects
+        ):
+            continue
+        try:
+            record = json.loads(sidecar.read_text()).get('CAHAL', {}).get('consistency') or {}
+        except (OSError, ValueError):
+            continue
+        if record.get('warning'):
+            image = sidecar.relative_to(root).as_posix()[: -len('.json')] + '.nii.gz'
+            flagged.append((image, record))
+    return flagged
+
+
 def collect_group_rows(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of ``group_summary.tsv``, sorted by file name."""
     rows = []
@@ -69,6 +109,7 @@ def collect_group_rows(output_dir: str | os.PathLike[str]) -> list[dict[str, Any
             except (OSError, ValueError):
                 registration = {}
         similarity = registration.get('similarity', {})
+        consistency = details.get('consistency') or {}
         rows.append({
             'subject': _entity(sidecar.name, 'sub'),
             'session': _entity(sidecar.name, 'ses') or 'n/a',
@@ -86,6 +127,11 @@ def collect_group_rows(output_dir: str | os.PathLike[str]) -> list[dict[str, Any
             ),
             'registration_mattes_mi': (
                 f'{similarity["mattes_mi"]:.4f}' if 'mattes_mi' in similarity else 'n/a'
+            ),
+            'consistency_rmse_cahal': _rmse(consistency, 'rmse_cahal'),
+            'consistency_rmse_trilinear': _rmse(consistency, 'rmse_trilinear'),
+            'consistency_warning': (
+                bool(consistency['warning']) if 'warning' in consistency else 'n/a'
             ),
         })  # fmt: skip
     return rows

@@ -161,6 +161,8 @@ td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 td { overflow-wrap: anywhere; }
 img { max-width: 100%; } .error { color: #a00; white-space: pre-wrap; }
 .ok { color: #070; } .muted { color: #666; } pre { background: #f4f4f4; padding: 0.6em; }
+.warning { color: #8a4b00; background: #fff3d6; font-weight: 600; }
+p.warning { border-left: 4px solid #e0a000; padding: 0.4em 0.6em; }
 """
 
 _VIEWPORT = '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -194,6 +196,43 @@ def _route(details: Mapping[str, Any]) -> str:
     route = details.get('route') or 'n/a'
     served_by = (details.get('zoo') or {}).get('modality')
     return route if served_by in (None, route) else f'{route} (served by the {served_by} zoo)'
+
+
+def _number(record: Mapping[str, Any], key: str) -> str:
+    value = record.get(key)
+    return 'n/a' if value is None else f'{value:.4g}'
+
+
+def _consistency_rows(record: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Report rows of the consistency guard's sidecar record (none for a skipped image)."""
+    if not record:
+        return []
+    rows: list[tuple[str, Any]] = [
+        (
+            'consistency RMSE, CAHAL / trilinear',
+            f'{_number(record, "rmse_cahal")} / {_number(record, "rmse_trilinear")} '
+            f'(ratio {_number(record, "ratio")}; the output acquired again against the input, '
+            'lower is more consistent)',
+        )
+    ]
+    if record.get('projection'):
+        rows.append(
+            ('projected onto the acquired data', f'yes (expert {_number(record, "rmse_expert")})')
+        )
+    return rows
+
+
+def _consistency_warning(record: Mapping[str, Any]) -> str:
+    """A visible paragraph when the consistency guard fired, else nothing."""
+    if not record.get('warning'):
+        return ''
+    return (
+        '<p class="warning">Consistency warning: acquired again with the point-spread '
+        "function of the input's voxels, the restored image agrees less with the acquired "
+        f'data than trilinear interpolation does (RMSE {_number(record, "rmse_expert")} '
+        f'against {_number(record, "rmse_trilinear")}). The expert may have invented '
+        'detail: check this image against its input.</p>'
+    )
 
 
 def markdown_to_html(text: str) -> str:
@@ -252,6 +291,7 @@ def write_subject_report(
                 f'{details.get("zoo", {}).get("name")} {details.get("zoo", {}).get("version")}',
             ),
             ('route', _route(details)),
+            *_consistency_rows(details.get('consistency') or {}),
             ('denoised', content.get('Denoised')),
             ('device', details.get('device')),
             ('enhancement seconds', details.get('seconds')),
@@ -263,7 +303,11 @@ def write_subject_report(
             sidecar.parent.glob(f'{stem_entities}_from-{suffix}_to-T1w_mode-image_xfm.json')
         )
         figures = sorted((subject_dir / 'figures').glob(f'{stem_entities}_*{suffix}.png'))
-        parts = [f'<h3>{html.escape(stem)}</h3>', _table(rows)]
+        parts = [
+            f'<h3>{html.escape(stem)}</h3>',
+            _consistency_warning(details.get('consistency') or {}),
+            _table(rows),
+        ]
         for xfm in registration:
             info = _read_json(xfm).get('Registration', {})
             similarity = info.get('similarity', {})
@@ -315,6 +359,12 @@ def write_group_report(
     root = Path(output_dir)
     columns = list(rows[0]) if rows else []
     head = ''.join(f'<th>{html.escape(c)}</th>' for c in columns)
+    warned = sum(str(row.get('consistency_warning')) == 'True' for row in rows)
+    flagged = (
+        f', <span class="warning">{warned} flagged by the consistency guard</span>'
+        if warned
+        else ''
+    )
     body = []
     for row in rows:
         cells = []
@@ -325,13 +375,15 @@ def write_group_report(
                 cells.append(
                     f'<td><a href="{html.escape(link)}">{html.escape(str(value))}</a></td>'
                 )
+            elif column == 'consistency_warning' and str(value) == 'True':
+                cells.append('<td class="warning">True</td>')
             else:
                 cells.append(f'<td>{html.escape(str(value))}</td>')
         body.append(f'<tr>{"".join(cells)}</tr>')
     page = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{_VIEWPORT}'
         f'<title>cahal-bids: group</title><style>{_STYLE}</style></head><body>'
-        f'<h1>cahal-bids group summary</h1><p>{len(rows)} image(s).</p>'
+        f'<h1>cahal-bids group summary</h1><p>{len(rows)} image(s){flagged}.</p>'
         f'<table><tr>{head}</tr>{"".join(body)}</table></body></html>\n'
     )
     return write_text_atomic(root / 'group.html', page)

@@ -96,6 +96,7 @@ def build_config(args: argparse.Namespace, bids_dir: Path, output_dir: Path) -> 
         plugin_file=str(args.use_plugin.resolve()) if args.use_plugin else '',
         device=args.device,
         precision=args.precision,
+        consistency_projection=args.consistency_projection,
         denoise=not args.no_denoise,
         skip_registration=args.skip_registration,
         template=template_label(args),
@@ -217,6 +218,7 @@ def run_participant(config: RunConfig, inputs: RunInputs) -> int:
         else:
             os.environ['NIPYPE_CONFIG_DIR'] = previous_config_dir
     failures = _write_subject_reports(config, inputs, methods_text(workflow))
+    _print_consistency_warnings(output_dir, list(inputs.images))
     if crashed_run is not None and not failures:
         report_error(PROG, f'the workflow failed: {crashed_run}')
         return EXIT_FAILURE
@@ -256,6 +258,26 @@ def _write_subject_reports(
         )
         print(f'{PROG}: report {report}')
     return failures
+
+
+def _print_consistency_warnings(output_dir: Path, subjects: Sequence[str] | None) -> int:
+    """One WARNING line per image the consistency guard flagged; returns their number."""
+    from cahal_bids.app.group import consistency_warnings
+
+    flagged = consistency_warnings(output_dir, subjects)
+    for image, record in flagged:
+        print(
+            f'{PROG}: WARNING: {image}: the restored image agrees less with the acquired data '
+            f'than trilinear interpolation (re-acquisition RMSE {record.get("rmse_expert")} '
+            f'against {record.get("rmse_trilinear")}); check it',
+            file=sys.stderr,
+        )
+    if flagged:
+        print(
+            f'{PROG}: {len(flagged)} image(s) flagged by the consistency guard (see the reports)',
+            file=sys.stderr,
+        )
+    return len(flagged)
 
 
 def _print_failures(rejected: Sequence[tuple[str, str]], failures: dict[str, list[Path]]) -> None:
@@ -438,6 +460,7 @@ def run_group(output_dir: Path) -> int:
         return EXIT_USAGE
     table = write_group_summary(output_dir, rows)
     page = write_group_report(output_dir, rows)
+    _print_consistency_warnings(output_dir, None)
     print(f'{PROG}: {len(rows)} image(s) summarised in {table} and {page}')
     return EXIT_OK
 
