@@ -405,12 +405,16 @@ def test_sidecars_carry_provenance_and_routing(full_run):
     assert len(details['zoo']['manifest_sha256']) == 64
     assert len(details['expert']['sha256']) == 64
     assert 'torch' in details['software']
+    consistency = details['consistency']
+    assert consistency['rmse_trilinear'] > 0 and consistency['rmse_cahal'] > 0
+    assert isinstance(consistency['warning'], bool) and consistency['projection'] is False
     skipped = json.loads(
         (
             full_run['out'] / 'sub-02/ses-a/anat/sub-02_ses-a_acq-iso_desc-cahal_T1w.json'
         ).read_text()
     )
     assert skipped['CAHAL']['skipped'] is True
+    assert 'consistency' not in skipped['CAHAL']
     registration = json.loads(
         (anat / 'sub-01_from-T1w_to-Phantom_mode-image_xfm.json').read_text()
     )['Registration']
@@ -485,6 +489,7 @@ def test_reports_link_real_figures(full_run):
         assert f'sub-01_space-T1w_desc-registration_{contrast}.png' in page
     assert '<th>route</th><td>T2w (served by the T1w zoo)</td>' in page
     assert '<th>route</th><td>FLAIR</td>' in page
+    assert 'consistency RMSE, CAHAL / trilinear' in page
 
 
 def test_group_level_summarises_every_image(full_run, assets):
@@ -501,8 +506,12 @@ def test_group_level_summarises_every_image(full_run, assets):
     t2w = by_file['sub-01/anat/sub-01_desc-cahal_T2w.nii.gz']
     assert t2w['cell'] == 'V3A2' and t2w['modality'] == 'T2w' and t2w['skipped'] == 'False'
     assert float(t2w['registration_correlation']) > 0.8  # to the template, not the T1w
+    assert float(flair['consistency_rmse_trilinear']) > 0
+    assert float(flair['consistency_rmse_cahal']) > 0
+    assert flair['consistency_warning'] in {'True', 'False'}
     iso = by_file['sub-02/ses-a/anat/sub-02_ses-a_acq-iso_desc-cahal_T1w.nii.gz']
     assert iso['skipped'] == 'True' and iso['cell'] == 'n/a'
+    assert iso['consistency_rmse_cahal'] == iso['consistency_warning'] == 'n/a'
     assert 'sub-01.html' in (out / 'group.html').read_text()
 
 
