@@ -14,10 +14,14 @@ import pytest
 from cahal_bids.preprocessing import brain_template
 from cahal_bids.preprocessing.brain_template import TemplateBrain, brain_extracted_template
 from cahal_bids.preprocessing.registration import (
+    compose_to_template,
     detect_brain_extracted,
-    normalized_mutual_information,
     register_linear,
     register_to_template,
+)
+from cahal_bids.preprocessing.registration_quality import (
+    brain_mask_in_image,
+    normalized_mutual_information,
     registration_quality,
 )
 from cahal_bids.preprocessing.transforms import (
@@ -245,6 +249,35 @@ def test_quality_flags_a_misregistration(tmp_path, phantom_template):
     assert fine['nmi_brain'] > bad['nmi_brain']
     assert fine['doubtful'] is False
     assert fine['brain_coverage'] == pytest.approx(1.0)
+    # the template's brain carried back onto the image's grid
+    mask, affine = brain_mask_in_image(moving, phantom_template.brain_mask, good)
+    _, truth = _phantom(mask.shape, (1.0, 1.0, 1.0))
+    np.testing.assert_allclose(affine, nib.load(str(moving)).affine, atol=1e-4)
+    overlap = 2 * (mask.astype(bool) & truth).sum() / (mask.sum() + truth.sum())
+    assert overlap > 0.95
+
+
+def test_composed_template_transform(tmp_path, phantom_template):
+    """FLAIR -> T1w, then T1w -> template: the FLAIR's template transform and its check."""
+    moving = _moving(tmp_path, 'flair.nii.gz', sizes=(1.0, 1.0, 1.0))
+    to_t1w, t1w_to_template = _rigid(4, 2, (2.0, 0.0, 0.0)), _rigid(-4, 2, (-2.0, 0.0, 0.0))
+    write_itk_affine(to_t1w, tmp_path / 'flair2t1w.txt')
+    write_itk_affine(np.linalg.inv(to_t1w), tmp_path / 't1w2tpl.txt')
+    result = compose_to_template(
+        moving,
+        tmp_path / 'flair2t1w.txt',
+        tmp_path / 't1w2tpl.txt',
+        phantom_template,
+        forward_path=tmp_path / 'fwd.txt',
+        inverse_path=tmp_path / 'inv.txt',
+        modality='FLAIR',
+    )
+    np.testing.assert_allclose(read_itk_affine(result.forward), np.eye(4), atol=1e-9)
+    np.testing.assert_allclose(read_itk_affine(result.inverse), np.eye(4), atol=1e-9)
+    details = result.as_dict()
+    assert details['composed_through'] == 'T1w'
+    assert details['quality']['doubtful'] is False
+    del t1w_to_template
 
 
 @pytest.mark.slow

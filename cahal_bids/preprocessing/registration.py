@@ -18,13 +18,10 @@ builds on it for real inputs:
   coarse rigid registration on 4 mm copies and the best (lowest Mattes metric) is
   kept: a thick-slice field of view that misses the top or the bottom of the head,
   or a head tilted in the scanner, no longer starts the optimiser in a wrong basin;
-* **a quality measure** (:func:`registration_quality`): normalised mutual
-  information ``(H(A) + H(B)) / H(A, B)`` (1 for independent images, 2 for
-  identical ones) between the template and the registered image inside the
-  template's brain mask, where the image covers it; below
-  :data:`QUALITY_THRESHOLDS` for the image's contrast, or with less than
-  :data:`MIN_BRAIN_COVERAGE` of the brain in the field of view, the registration
-  is flagged doubtful.
+* **a quality measure**
+  (:func:`~cahal_bids.preprocessing.registration_quality.registration_quality`):
+  normalised mutual information with the template inside its brain mask, and a
+  doubtful flag below a threshold calibrated on the validation split.
 
 Every ANTs call runs under a fixed seed (:func:`~cahal_bids.core.ants_bridge.ants_seed`):
 the same inputs, seed and ITK thread count give the same transforms.
@@ -42,38 +39,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cahal_bids.core.ants_bridge import ants_image, ants_seed
+from cahal_bids.core.ants_bridge import ants_seed
 from cahal_bids.core.errors import CahalError
-from cahal_bids.preprocessing.transforms import read_itk_affine
+from cahal_bids.preprocessing.registration_quality import read_ants, registration_quality
+from cahal_bids.preprocessing.transforms import compose, read_itk_affine, write_itk_affine
 
 if TYPE_CHECKING:
     from cahal_bids.preprocessing.brain_template import TemplateBrain
 
 __all__ = [
     'BRAIN_MASK_MARGIN_MM',
-    'MIN_BRAIN_COVERAGE',
-    'QUALITY_THRESHOLDS',
     'START_PITCHES_DEGREES',
     'START_SHIFTS_MM',
     'RegistrationError',
     'RegistrationResult',
     'apply_to_template',
+    'compose_to_template',
     'detect_brain_extracted',
     'image_similarity',
     'initial_alignment',
-    'normalized_mutual_information',
     'register_linear',
     'register_to_template',
-    'registration_quality',
 ]
-
-QUALITY_THRESHOLDS: dict[str, float] = {'T1w': 1.0, 'T2w': 1.0, 'FLAIR': 1.0}
-"""Normalised mutual information with the template in its brain mask below which a
-registration is doubtful, per contrast (calibrated on the validation split; see
-docs/evaluation.md)."""
-
-MIN_BRAIN_COVERAGE = 0.5
-"""Fraction of the template's brain that the registered field of view must cover."""
 
 BRAIN_MASK_MARGIN_MM = 5.0
 """Skull-stripped inputs: the metric mask is the template brain mask grown by this."""
@@ -124,17 +111,6 @@ class RegistrationResult:
             'seconds': round(self.seconds, 2),
             **self.details,
         }
-
-
-def _read_ants(path: str | os.PathLike[str]) -> Any:
-    """The float32 image at ``path`` as an ANTs image (trailing unit axes dropped)."""
-    import nibabel as nib
-
-    image = nib.load(str(path))
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    if data.ndim > 3:
-        data = data.reshape(data.shape[:3])
-    return ants_image(data, image.affine)
 
 
 def detect_brain_extracted(path: str | os.PathLike[str]) -> tuple[bool, dict[str, float]]:
@@ -306,9 +282,9 @@ def register_linear(
     import ants
 
     started = time.perf_counter()
-    fixed_image = _read_ants(fixed)
-    moving_image = _read_ants(moving)
-    mask_image = None if fixed_mask is None else _read_ants(fixed_mask)
+    fixed_image = read_ants(fixed)
+    moving_image = read_ants(moving)
+    mask_image = None if fixed_mask is None else read_ants(fixed_mask)
     rigid_type = 'QuickRigid' if sloppy else 'Rigid'
     stages = [rigid_type]
     details: dict[str, Any] = {}
@@ -375,96 +351,6 @@ def _write_itk_text(transform: Any, target: Path, scratch: str) -> Path:
     return target
 
 
-def normalized_mutual_information(
-    first: np.ndarray, second: np.ndarray, *, bins: int = 32
-) -> float:
-    """Studholme's NMI ``(H(A) + H(B)) / H(A, B)`` of paired samples (1 to 2).
-
-    Each variable is clipped to its 0.5-99.5th percentiles and binned in ``bins``
-    equal bins.
-
-    >>> x = np.linspace(0, 1, 1000)
-    >>> round(normalized_mutual_information(x, x), 3)
-    2.0
-    >>> round(normalized_mutual_information(x, -x ** 2), 3)
-    2.0
-    """
-    a = np.asarray(first, dtype=np.float64).ravel()
-    b = np.asarray(second, dtype=np.float64).ravel()
-    if a.size != b.size or a.size < 2:
-        raise ValueError(f'need two samples of the same size, got {a.size} and {b.size}')
-
-    def binned(values: np.ndarray) -> np.ndarray:
-        low, high = np.percentile(values, [0.5, 99.5])
-        if high <= low:
-            return np.zeros(values.shape, dtype=np.int64)
-        scaled = (np.clip(values, low, high) - low) / (high - low)
-        return np.minimum((scaled * bins).astype(np.int64), bins - 1)
-
-    joint = np.bincount(binned(a) * bins + binned(b), minlength=bins * bins).astype(np.float64)
-    joint /= joint.sum()
-
-    def entropy(p: np.ndarray) -> float:
-        p = p[p > 0]
-        return float(-(p * np.log(p)).sum())
-
-    table = joint.reshape(bins, bins)
-    h_joint = entropy(joint)
-    if h_joint == 0:
-        return 2.0
-    return (entropy(table.sum(axis=1)) + entropy(table.sum(axis=0))) / h_joint
-
-
-def registration_quality(
-    moving: str | os.PathLike[str],
-    template: TemplateBrain,
-    transform: str | os.PathLike[str],
-    *,
-    modality: str,
-) -> dict[str, Any]:
-    """How well ``moving`` sits on ``template`` through ``transform`` (image -> template).
-
-    The image is resampled (linear) onto the template grid; inside the template's
-    brain mask, where the image's field of view reaches, the normalised mutual
-    information (:func:`normalized_mutual_information`) and the correlation with the
-    template are computed. ``doubtful`` is True when the NMI is below the
-    contrast's :data:`QUALITY_THRESHOLDS` entry or the brain is less than
-    :data:`MIN_BRAIN_COVERAGE` covered.
-    """
-    import ants
-
-    fixed = _read_ants(template.head)
-    mask = _read_ants(template.brain_mask).numpy() > 0
-    image = _read_ants(moving)
-    warped = ants.apply_transforms(fixed, image, [str(transform)], interpolator='linear')
-    ones = image.new_image_like(np.ones(image.shape, dtype=np.float32))
-    reach = ants.apply_transforms(fixed, ones, [str(transform)], interpolator='linear')
-    inside = mask & (reach.numpy() > 0.999)
-    coverage = float(inside.sum()) / max(int(mask.sum()), 1)
-    threshold = QUALITY_THRESHOLDS.get(modality, min(QUALITY_THRESHOLDS.values()))
-    if inside.sum() < 1000:
-        return {
-            'metric': 'nmi_brain',
-            'nmi_brain': float('nan'),
-            'correlation_brain': float('nan'),
-            'brain_coverage': round(coverage, 4),
-            'threshold': threshold,
-            'doubtful': True,
-        }
-    template_values = fixed.numpy()[inside]
-    image_values = warped.numpy()[inside]
-    nmi = normalized_mutual_information(template_values, image_values)
-    correlation = float(np.corrcoef(template_values, image_values)[0, 1])
-    return {
-        'metric': 'nmi_brain',
-        'nmi_brain': round(nmi, 5),
-        'correlation_brain': round(correlation, 5),
-        'brain_coverage': round(coverage, 4),
-        'threshold': threshold,
-        'doubtful': bool(nmi < threshold or coverage < MIN_BRAIN_COVERAGE),
-    }
-
-
 def register_to_template(
     moving: str | os.PathLike[str],
     template: TemplateBrain,
@@ -496,7 +382,7 @@ def register_to_template(
         fixed = template.head
         if brain_extracted:
             fixed = template.brain
-            mask = _read_ants(template.brain_mask)
+            mask = read_ants(template.brain_mask)
             grown = ants.iMath(mask, 'MD', int(round(BRAIN_MASK_MARGIN_MM)))
             fixed_mask = Path(scratch) / 'metric_mask.nii.gz'
             ants.image_write(grown, str(fixed_mask))
@@ -539,10 +425,10 @@ def apply_to_template(
     """
     import ants
 
-    fixed_image = _read_ants(fixed)
+    fixed_image = read_ants(fixed)
     warped = ants.apply_transforms(
         fixed=fixed_image,
-        moving=_read_ants(moving),
+        moving=read_ants(moving),
         transformlist=[str(transform)],
         interpolator='linear',
     )
@@ -550,6 +436,36 @@ def apply_to_template(
     return np.asarray(converted.dataobj, dtype=np.float32), np.asarray(converted.affine)
 
 
-def transform_matrix(path: str | os.PathLike[str]) -> np.ndarray:
-    """The 4 x 4 LPS matrix of an ITK text transform (see :mod:`.transforms`)."""
-    return read_itk_affine(path)
+def compose_to_template(
+    moving: str | os.PathLike[str],
+    to_intermediate: str | os.PathLike[str],
+    intermediate_to_template: str | os.PathLike[str],
+    template: TemplateBrain,
+    *,
+    forward_path: str | os.PathLike[str],
+    inverse_path: str | os.PathLike[str],
+    modality: str,
+    intermediate: str = 'T1w',
+) -> RegistrationResult:
+    """The template transform of ``moving`` through an image of the same subject (fMRIPrep's way).
+
+    ``to_intermediate`` takes ``moving`` to the intermediate image (e.g. a FLAIR rigidly
+    to its session's T1w), ``intermediate_to_template`` takes that image to the template;
+    both are forward ITK text transforms. Their composition (:func:`~.transforms.compose`)
+    is written forward and inverse, and checked like a direct registration
+    (:func:`~cahal_bids.preprocessing.registration_quality.registration_quality` on
+    ``moving``), so a thick FLAIR never has to match the T1w template on its own.
+    """
+    started = time.perf_counter()
+    matrix = compose(read_itk_affine(to_intermediate), read_itk_affine(intermediate_to_template))
+    forward = write_itk_affine(matrix, forward_path)
+    inverse = write_itk_affine(np.linalg.inv(matrix), inverse_path)
+    quality = registration_quality(moving, template, forward, modality=modality)
+    return RegistrationResult(
+        forward=forward,
+        inverse=inverse,
+        similarity={},
+        stages=(f'composed: rigid to {intermediate}, then {intermediate} to template',),
+        seconds=time.perf_counter() - started,
+        details={'composed_through': intermediate, 'quality': quality},
+    )
