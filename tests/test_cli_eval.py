@@ -324,3 +324,62 @@ def test_eval_with_a_segmenter_reports_tissue_bias(tmp_path, make_nifti, make_zo
     # the flat-region check ran at the ground truth's size
     assert record['flat_regions']['low_resolution_shape'] == [40, 44, 9]
     assert 'Flat regions' in tables
+
+
+@pytest.mark.slow
+def test_eval_registration_tre(tmp_path, make_nifti, make_zoo, capsys, monkeypatch):
+    """--registration: each method's estimate and the truth registered to a phantom
+    template; TRE rows, tables and figure; a rerun registers nothing again."""
+    from cahal_bids.preprocessing import brain_template
+
+    torch.set_num_threads(1)
+    source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0), name='sub-01_T1w.nii.gz')
+    template = make_nifti(data=_brain((48, 52, 46)), zooms=(1.0, 1.0, 1.0), name='tpl.nii.gz')
+
+    def phantom_mask(head_file, *, mni_space=True, seed=0):
+        import nibabel as nib
+
+        image = nib.load(str(head_file))
+        return np.asarray(image.dataobj) > 30, image.affine, {'prior': 'phantom threshold'}
+
+    monkeypatch.setattr(brain_template, 'template_own_brain_mask', phantom_mask)
+    zoo = make_zoo('identity', head_scale=0.0)
+    out = tmp_path / 'eval'
+    extra = ('--registration', '--registration-cells', 'V6A1', '--template-file',
+             str(template), '--template-name', 'Phantom', '--sloppy', '--no-flat-check',
+             '--no-segmenter')  # fmt: skip
+    assert _run_eval(source, zoo, out, *extra) == 0, capsys.readouterr().err
+    record = json.loads((out / 'registration.json').read_text())
+    cases = record['cases']
+    assert {(case['cell'], case['method']) for case in cases} == {
+        ('V6A1', 'trilinear'),
+        ('V6A1', 'cubic'),
+        ('V6A1', 'cahal'),
+    }
+    assert all(np.isfinite(case['tre_mm']) and case['brain_extracted'] for case in cases)
+    truth = json.loads((out / 'cases' / 'sub-01_T1w' / 'truth_registration.json').read_text())
+    assert truth['reference']['record']['brain_extracted'] is True
+    assert np.asarray(truth['reference']['matrix']).shape == (4, 4)
+    assert record['template']['name'] == 'Phantom'
+    assert '| sub-01_T1w | V6A1 |' in (out / 'registration.md').read_text()
+    assert 'TRE against the registration of the ground truth' in (out / 'tables.md').read_text()
+    assert (out / 'tre_by_cell.png').stat().st_size > 0
+
+    # a rerun takes every registration from OUT/cases
+    from cahal_bids.evaluation import registration
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('registered again')
+
+    monkeypatch.setattr(registration, 'register_to_template', refuse)
+    assert _run_eval(source, zoo, out, *extra) == 0, capsys.readouterr().err
+    assert json.loads((out / 'registration.json').read_text())['cases'] == cases
+
+
+def test_eval_registration_cells_must_be_evaluated(tmp_path, make_nifti, make_zoo, capsys):
+    source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0))
+    code = _run_eval(
+        source, make_zoo(), tmp_path, '--registration', '--registration-cells', 'V7A1'
+    )
+    assert code == 2
+    assert 'not evaluated' in capsys.readouterr().err

@@ -130,7 +130,7 @@ def registration_figure(
     import nibabel as nib
     from scipy import ndimage
 
-    from cahal_bids.app.registration import apply_to_template
+    from cahal_bids.preprocessing.registration import apply_to_template
 
     warped, affine = apply_to_template(moving_file, template_file, transform_file)
     template = nib.load(str(template_file))

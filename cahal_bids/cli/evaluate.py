@@ -9,6 +9,13 @@ case, seeds included), ``tables.md`` (PSNR by volume bin and by cell, Mann-Whitn
 two-sided with Bonferroni correction against the reference; tissue Dice and volumetric
 bias with a segmenter), figures and ``report.html``. Finished cells are kept in
 ``OUT/cases/``: the same command run again resumes where it stopped.
+
+With ``--registration``, every simulated acquisition of the ``--registration-cells``
+is also registered to the template (``--template-name``, read offline from
+TemplateFlow, or ``--template-file``) from each method's estimate and from the ground
+truth, exactly as ``cahal-bids`` registers; the target registration error (TRE, mean
+displacement over the template's brain voxels, mm) of each against the ground truth's
+goes to ``registration.json``, ``registration.md`` and ``tre_by_cell.png``.
 """
 
 from __future__ import annotations
@@ -121,6 +128,40 @@ def build_parser() -> argparse.ArgumentParser:
         '--no_flat_check',
         action='store_true',
         help='skip the full-size flat-region (no hallucination) check',
+    )
+    registration = parser.add_argument_group("registration accuracy (the paper's Figure 7)")
+    registration.add_argument(
+        '--registration',
+        action='store_true',
+        help='also register every estimate and the ground truth to the template and '
+        "report the TRE of each method against the ground truth's registration",
+    )
+    registration.add_argument(
+        '--registration-cells',
+        '--registration_cells',
+        nargs='+',
+        default=None,
+        metavar='CELL',
+        help='cells whose cases are registered (default: every evaluated cell); each '
+        'case costs one ANTs registration per method',
+    )
+    registration.add_argument(
+        '--template-name',
+        '--template_name',
+        default='MNI152NLin2009cAsym',
+        help='TemplateFlow template (offline, TEMPLATEFLOW_HOME) (default %(default)s)',
+    )
+    registration.add_argument(
+        '--template-file',
+        '--template_file',
+        type=Path,
+        default=None,
+        help="a 1 mm T1w template image instead of TemplateFlow's",
+    )
+    registration.add_argument(
+        '--sloppy',
+        action='store_true',
+        help="registration with ANTs' fast presets (tests, previews; not for reporting)",
     )
     parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
     parser.add_argument('--threads', type=int, default=None)
@@ -236,25 +277,42 @@ def _evaluate_cell(
     segmenter: Any,
     fingerprint: str,
     cache: dict[str, Any],
+    registration: Any = None,
+    registration_rows: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One cell of one subject, from ``OUT/cases`` when it was finished before."""
+    """One cell of one subject, from ``OUT/cases`` when it was finished before.
+
+    With ``registration`` (a :class:`~cahal_bids.evaluation.registration.RegistrationTRE`),
+    the cell's registration cases are appended to ``registration_rows``, from
+    ``OUT/cases/<subject>/<cell>_registration.json`` when it holds them; otherwise the
+    cell's acquisitions are simulated again (same seeds, same estimates) to register them.
+    """
     from cahal_bids.core.atomic import atomic_path
     from cahal_bids.engine.inference import write_json_atomic
     from cahal_bids.evaluation.protocol import evaluate_volume
 
     folder = args.out / 'cases' / entry.directory.name
     record_path = folder / f'{cell}.json'
-    if record_path.exists():
-        try:
-            record = json.loads(record_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            record = {}
-        if record.get('fingerprint') == fingerprint:
-            return list(record['cases'])
+    registration_path = folder / f'{cell}_registration.json'
+    registration_fingerprint = hashlib.sha256(
+        f'{fingerprint}:{registration.fingerprint if registration else ""}'.encode()
+    ).hexdigest()
+    if registration is not None and registration_rows is not None:
+        saved = _read_record(registration_path)
+        if saved.get('fingerprint') == registration_fingerprint:
+            registration_rows += saved['cases']
+            registration = None
+    saved = _read_record(record_path)
+    if saved.get('fingerprint') == fingerprint and registration is None:
+        return list(saved['cases'])
     if 'image' not in cache:
         cache['image'] = entry.image()
         cache['mask'] = entry.head_mask()
     examples = ExampleSlices()
+    hooks: list[Any] = [examples]
+    if registration is not None:
+        registration.cases.clear()
+        hooks.append(registration)
     cases = evaluate_volume(
         cache['image'],
         cache['mask'],
@@ -266,16 +324,31 @@ def _evaluate_cell(
         seed=args.seed,
         extra_methods=extra,
         segmenter=segmenter,
-        on_estimates=examples,
+        on_estimates=lambda **found: [hook(**found) for hook in hooks],
         consistency_projection=args.consistency_projection,
     )
     folder.mkdir(parents=True, exist_ok=True)
+    if registration is not None and registration_rows is not None:
+        found = [case.as_dict() for case in registration.cases]
+        write_json_atomic(
+            registration_path,
+            {'fingerprint': registration_fingerprint, 'cell': cell, 'cases': found},
+        )
+        registration_rows += found
     if examples.slices:
         with atomic_path(folder / f'{cell}_slices.npz') as temporary, open(temporary, 'wb') as f:
             np.savez_compressed(f, axis=np.array(examples.axis), **examples.slices)
     rows = [case.as_dict() for case in cases]
     write_json_atomic(record_path, {'fingerprint': fingerprint, 'cell': cell, 'cases': rows})
     return rows
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _summary_from_dicts(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -317,6 +390,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.real_lesions and args.modality != 'FLAIR':
         report_error(PROG, '--real-lesions finds hyperintense lesions: use it with FLAIR')
         return EXIT_USAGE
+    registration_cells = set(args.registration_cells or cells) if args.registration else set()
+    if registration_cells - set(cells):
+        report_error(
+            PROG, f'--registration-cells {sorted(registration_cells - set(cells))} not evaluated'
+        )
+        return EXIT_USAGE
     try:
         templates = dict(parse_method_spec(spec) for spec in args.method)
         if len(templates) != len(args.method):
@@ -334,6 +413,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             segmenter = load_segmenter(args.segmenter, device=device)
         args.out.mkdir(parents=True, exist_ok=True)
+        template_brain_files = None
+        if args.registration:
+            from cahal_bids.app.registration import resolve_template, template_brain
+
+            head = resolve_template(args.template_name, template_file=args.template_file)
+            template_brain_files = template_brain(args.template_name, head, args.out)
         entries = _prepared_entries(args)
     except CahalError as error:
         report_error(PROG, str(error))
@@ -346,8 +431,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     compared = {**templates, **({PROJECTED: 'built-in'} if args.consistency_projection else {})}
     rows: list[dict[str, Any]] = []
     progress = None if args.quiet else (lambda text: print(text, file=sys.stderr))
+    registration_rows: list[dict[str, Any]] = []
     for entry in entries:
         cache: dict[str, Any] = {}
+        hook = None
+        if template_brain_files is not None:
+            from cahal_bids.evaluation.registration import registration_hook
+
+            reference_path = args.out / 'cases' / entry.directory.name / 'truth_registration.json'
+            hook = registration_hook(
+                entry,
+                template=template_brain_files,
+                seed=args.seed,
+                sloppy=args.sloppy,
+                saved=_read_record(reference_path),
+                progress=progress,
+            )
+            hook.reference_path = reference_path
         for cell in cells:
             try:
                 rows += _evaluate_cell(
@@ -359,10 +459,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     segmenter=segmenter,
                     fingerprint=_fingerprint(args, zoo, compared, cell),
                     cache=cache,
+                    registration=hook if cell in registration_cells else None,
+                    registration_rows=registration_rows,
                 )
             except CahalError as error:
                 report_error(PROG, f'{entry.directory}: {error}')
                 return EXIT_FAILURE
+            if hook is not None and hook.reference is not None:
+                saved = _read_record(hook.reference_path)
+                if saved.get('fingerprint') != hook.fingerprint:
+                    write_json_atomic(
+                        hook.reference_path,
+                        {'fingerprint': hook.fingerprint, 'reference': hook.reference},
+                    )
             if progress is not None:
                 progress(f'{PROG}: {entry.directory.name} {cell} done')
     methods = {'trilinear': None, 'cubic': None, 'cahal': None, **compared, **extra}
@@ -425,6 +534,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f'\nFlat regions (no detail to restore), {low_shape[0]} x {low_shape[1]} x '
             f'{low_shape[2]} voxels at 1 x 1 x 4 mm, change made by CAHAL relative to the '
             'exact input:\n\n' + '\n'.join(lines) + '\n'
+        )
+    if registration_rows:
+        from cahal_bids.evaluation.registration import write_registration_results
+
+        tables += write_registration_results(
+            args.out, registration_rows, template=template_brain_files, sloppy=args.sloppy
         )
     write_json_atomic(
         args.out / 'cases.json',

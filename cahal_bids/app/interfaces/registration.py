@@ -33,15 +33,15 @@ class _RegisterLinearOutputSpec(TraitedSpec):
 class RegisterLinear(SimpleInterface):
     """Rigid then affine ANTs registration.
 
-    Wraps :func:`~cahal_bids.app.registration.register_linear`.
+    Wraps :func:`~cahal_bids.preprocessing.registration.register_linear`.
     """
 
     input_spec = _RegisterLinearInputSpec
     output_spec = _RegisterLinearOutputSpec
 
     def _run_interface(self, runtime):
-        from cahal_bids.app.registration import register_linear
         from cahal_bids.core.atomic import write_json_atomic
+        from cahal_bids.preprocessing.registration import register_linear
 
         os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(self.inputs.num_threads)
         result = register_linear(
@@ -78,8 +78,8 @@ class ResampleToTemplate(SimpleInterface):
     output_spec = _ResampleToTemplateOutputSpec
 
     def _run_interface(self, runtime):
-        from cahal_bids.app.registration import apply_to_template
         from cahal_bids.core.nifti import save_image
+        from cahal_bids.preprocessing.registration import apply_to_template
 
         data, affine = apply_to_template(
             self.inputs.in_file, self.inputs.template, self.inputs.transform

@@ -1,0 +1,471 @@
+"""ANTs linear registration (rigid, then affine) to a template, and how far to trust it.
+
+:func:`register_linear` is the plain ANTs call (Mattes mutual information, multi-
+resolution, ITK text transforms written forward and inverse). :func:`register_to_template`
+builds on it for real inputs:
+
+* **skull-stripped inputs** are recognised from the image (:func:`detect_brain_extracted`:
+  :func:`~cahal_bids.preprocessing.masks.estimate_head_mask` and
+  :func:`~cahal_bids.preprocessing.masks.looks_brain_extracted`, the tests training
+  preparation uses) and registered to the brain-extracted template, the metric
+  restricted to its brain mask grown by :data:`BRAIN_MASK_MARGIN_MM`
+  (:func:`~cahal_bids.preprocessing.brain_template.brain_extracted_template`);
+  full-head inputs go to the full-head template, as before;
+* **initialisation** (:func:`initial_alignment`): the centres of the two foregrounds
+  (first image moments of an intensity-free mask, so contrast does not matter) are
+  matched, then :data:`START_SHIFTS_MM` along the head's long axis crossed with
+  :data:`START_PITCHES_DEGREES` about the left-right axis are each refined by a
+  coarse rigid registration on 4 mm copies and the best (lowest Mattes metric) is
+  kept: a thick-slice field of view that misses the top or the bottom of the head,
+  or a head tilted in the scanner, no longer starts the optimiser in a wrong basin;
+* **a quality measure**
+  (:func:`~cahal_bids.preprocessing.registration_quality.registration_quality`):
+  normalised mutual information with the template inside its brain mask, and a
+  doubtful flag below a threshold calibrated on the validation split.
+
+Every ANTs call runs under a fixed seed (:func:`~cahal_bids.core.ants_bridge.ants_seed`):
+the same inputs, seed and ITK thread count give the same transforms.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cahal_bids.core.ants_bridge import ants_seed
+from cahal_bids.core.errors import CahalError
+from cahal_bids.preprocessing.registration_quality import read_ants, registration_quality
+from cahal_bids.preprocessing.transforms import compose, read_itk_affine, write_itk_affine
+
+if TYPE_CHECKING:
+    from cahal_bids.preprocessing.brain_template import TemplateBrain
+
+__all__ = [
+    'BRAIN_MASK_MARGIN_MM',
+    'START_PITCHES_DEGREES',
+    'START_SHIFTS_MM',
+    'RegistrationError',
+    'RegistrationResult',
+    'apply_to_template',
+    'compose_to_template',
+    'detect_brain_extracted',
+    'image_similarity',
+    'initial_alignment',
+    'register_linear',
+    'register_to_template',
+]
+
+BRAIN_MASK_MARGIN_MM = 5.0
+"""Skull-stripped inputs: the metric mask is the template brain mask grown by this."""
+
+START_SHIFTS_MM: tuple[float, ...] = (-30.0, -15.0, 0.0, 15.0, 30.0)
+"""Starts of :func:`initial_alignment` along the superior-inferior axis, from the centres."""
+
+START_PITCHES_DEGREES: tuple[float, ...] = (-10.0, 0.0, 10.0)
+"""Starts of :func:`initial_alignment`: rotations about the left-right axis (nodding)."""
+
+COARSE_SPACING_MM = 4.0
+
+COARSE_ITERATIONS = (60, 30)
+"""Iterations of each start's rigid refinement, at 8 then 4 mm."""
+
+RIGID_SCHEDULE = {
+    'aff_iterations': (500, 250),
+    'aff_shrink_factors': (4, 2),
+    'aff_smoothing_sigmas': (2, 1),
+}
+"""The rigid stage after :func:`initial_alignment` (which did the coarse levels already);
+the affine stage that follows keeps ANTs' default schedule down to full resolution."""
+
+
+class RegistrationError(CahalError):
+    """A template cannot be found, or registration failed."""
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    """Transforms written by :func:`register_linear` and how well they align."""
+
+    forward: Path
+    """Moving (image) to fixed (template) in ITK's convention: resamples moving onto fixed."""
+    inverse: Path
+    similarity: dict[str, float]
+    stages: tuple[str, ...]
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+    """Extra JSON-ready facts: initialisation, brain extraction, quality."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            'forward': str(self.forward),
+            'inverse': str(self.inverse),
+            'similarity': dict(self.similarity),
+            'stages': list(self.stages),
+            'seconds': round(self.seconds, 2),
+            **self.details,
+        }
+
+
+def detect_brain_extracted(path: str | os.PathLike[str]) -> tuple[bool, dict[str, float]]:
+    """Whether the image at ``path`` is skull-stripped, from its voxels (never its name).
+
+    Its head mask (:func:`~cahal_bids.preprocessing.masks.estimate_head_mask`, at the
+    image's own voxel sizes) and :func:`~cahal_bids.preprocessing.masks.looks_brain_extracted`:
+    a zero background around a brain-sized mask. Use the acquired image (zeros stay
+    zeros there; a restored or interpolated copy may ring into the background).
+    """
+    import nibabel as nib
+
+    from cahal_bids.preprocessing.masks import estimate_head_mask, looks_brain_extracted
+
+    image = nib.load(str(path))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if data.ndim > 3:
+        data = data.reshape(data.shape[:3])
+    sizes = tuple(float(v) for v in image.header.get_zooms()[:3])
+    head = estimate_head_mask(data, sizes)
+    return looks_brain_extracted(data, head, sizes)
+
+
+def image_similarity(fixed: Any, moving_resampled: Any) -> dict[str, float]:
+    """Mattes mutual information (ANTs sign: lower is better) and the correlation
+    of the two images over the fixed image's brighter half (the whole head: not a
+    quality measure, see :func:`registration_quality`)."""
+    import ants
+
+    fixed_data = fixed.numpy()
+    moving_data = moving_resampled.numpy()
+    foreground = fixed_data > np.percentile(fixed_data, 50)
+    correlation = float(np.corrcoef(fixed_data[foreground], moving_data[foreground])[0, 1])
+    mutual_information = float(
+        ants.image_similarity(fixed, moving_resampled, metric_type='MattesMutualInformation')
+    )
+    return {'mattes_mi': mutual_information, 'correlation': correlation}
+
+
+def _foreground_centre(image: Any) -> np.ndarray:
+    """Centre (LPS, mm) of the foreground of a coarse image: first moments of a mask."""
+    from cahal_bids.preprocessing.masks import largest_component
+
+    data = image.numpy()
+    reference = float(np.percentile(data, 99))
+    mask = largest_component(data > 0.1 * reference) if reference > 0 else data > 0
+    if not mask.any():
+        mask = np.ones(data.shape, dtype=bool)
+    index = np.argwhere(mask).mean(axis=0)
+    spacing = np.asarray(image.spacing)
+    direction = np.asarray(image.direction).reshape(3, 3)
+    return np.asarray(image.origin) + direction @ (index * spacing)
+
+
+def _coarse(image: Any) -> Any:
+    """A 4 mm copy: linear to 2 mm, Gaussian of 1.5 mm (anti-aliasing), linear to 4 mm."""
+    import ants
+
+    half = ants.resample_image(
+        image, (COARSE_SPACING_MM / 2,) * 3, use_voxels=False, interp_type=0
+    )
+    smooth = ants.smooth_image(half, 0.375 * COARSE_SPACING_MM, sigma_in_physical_coordinates=True)
+    return ants.resample_image(smooth, (COARSE_SPACING_MM,) * 3, use_voxels=False, interp_type=0)
+
+
+def _start(centre_fixed: np.ndarray, centre_moving: np.ndarray, shift: float, pitch: float) -> Any:
+    """A rigid start: a fixed point near ``centre_fixed`` goes to ``centre_moving``."""
+    import ants
+
+    angle = np.deg2rad(pitch)
+    rotation = np.eye(3)
+    rotation[1:, 1:] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    # LPS: z is superior in both spaces; the fixed point ``shift`` mm above the template
+    # centre is matched to the moving centre
+    centre = centre_fixed + np.array([0.0, 0.0, shift])
+    return ants.create_ants_transform(
+        transform_type='AffineTransform',
+        precision='double',
+        dimension=3,
+        matrix=rotation,
+        center=tuple(centre),
+        translation=tuple(centre_moving - centre),
+    )
+
+
+def initial_alignment(
+    fixed: Any,
+    moving: Any,
+    out_file: str | os.PathLike[str],
+    *,
+    fixed_mask: Any = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write the best rigid start (ANTs ``.mat``) of ``moving`` onto ``fixed``; its record.
+
+    See the module docstring: centres of the foregrounds matched, then every start
+    of :data:`START_SHIFTS_MM` x :data:`START_PITCHES_DEGREES` refined by a coarse
+    rigid registration of 4 mm copies; the lowest Mattes metric wins.
+    """
+    import ants
+
+    coarse_fixed, coarse_moving = _coarse(fixed), _coarse(moving)
+    coarse_mask = None
+    if fixed_mask is not None:
+        coarse_mask = ants.resample_image_to_target(
+            fixed_mask, coarse_fixed, interp_type='nearestNeighbor'
+        )
+    centre_fixed = _foreground_centre(coarse_fixed)
+    centre_moving = _foreground_centre(coarse_moving)
+    trials = []
+    with tempfile.TemporaryDirectory(prefix='cahal-init-') as scratch, ants_seed(seed):
+        for shift in START_SHIFTS_MM:
+            for pitch in START_PITCHES_DEGREES:
+                start = Path(scratch) / f'start_{len(trials)}.mat'
+                ants.write_transform(_start(centre_fixed, centre_moving, shift, pitch), str(start))
+                result = ants.registration(
+                    coarse_fixed,
+                    coarse_moving,
+                    type_of_transform='Rigid',
+                    initial_transform=str(start),
+                    mask=coarse_mask,
+                    aff_iterations=COARSE_ITERATIONS,
+                    aff_shrink_factors=(2, 1),
+                    aff_smoothing_sigmas=(1, 0),
+                    outprefix=str(Path(scratch) / f'trial_{len(trials)}_'),
+                )
+                metric = float(
+                    ants.image_similarity(
+                        coarse_fixed,
+                        result['warpedmovout'],
+                        metric_type='MattesMutualInformation',
+                        fixed_mask=coarse_mask,
+                    )
+                )
+                trials.append((metric, shift, pitch, result['fwdtransforms'][0]))
+        best = min(trials, key=lambda trial: (trial[0], abs(trial[1]), abs(trial[2])))
+        shutil.copyfile(best[3], out_file)
+    return {
+        'method': 'foreground centres, then the best of coarse rigid starts',
+        'centre_offset_mm': [round(float(v), 2) for v in centre_moving - centre_fixed],
+        'best_shift_mm': best[1],
+        'best_pitch_degrees': best[2],
+        'best_metric': round(best[0], 5),
+        'starts': len(trials),
+    }
+
+
+def register_linear(
+    moving: str | os.PathLike[str],
+    fixed: str | os.PathLike[str],
+    *,
+    forward_path: str | os.PathLike[str],
+    inverse_path: str | os.PathLike[str],
+    affine: bool = True,
+    sloppy: bool = False,
+    seed: int = 0,
+    fixed_mask: str | os.PathLike[str] | None = None,
+    initialize: bool = False,
+) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` (rigid, then affine unless ``affine`` is False).
+
+    Both stages use Mattes mutual information, so the images may differ in
+    contrast (FLAIR to a T1w template). ``sloppy`` uses ANTs' fast presets (for
+    tests and previews). ``fixed_mask`` restricts the metric to a region of the
+    fixed image; ``initialize`` starts from :func:`initial_alignment` instead of
+    ANTs' match of the intensity centres of mass. The transforms are written as
+    ITK text files.
+    """
+    import ants
+
+    started = time.perf_counter()
+    fixed_image = read_ants(fixed)
+    moving_image = read_ants(moving)
+    mask_image = None if fixed_mask is None else read_ants(fixed_mask)
+    rigid_type = 'QuickRigid' if sloppy else 'Rigid'
+    stages = [rigid_type]
+    details: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix='cahal-reg-') as scratch, ants_seed(seed):
+        start = None
+        if initialize:
+            start = str(Path(scratch) / 'start.mat')
+            details['initialization'] = initial_alignment(
+                fixed_image, moving_image, start, fixed_mask=mask_image, seed=seed
+            )
+        # after the initialisation, a rigid stage followed by an affine one need not
+        # run ANTs' coarsest and finest levels
+        schedule = RIGID_SCHEDULE if initialize and affine and not sloppy else {}
+        rigid = ants.registration(
+            fixed_image,
+            moving_image,
+            type_of_transform=rigid_type,
+            initial_transform=start,
+            mask=mask_image,
+            outprefix=str(Path(scratch) / 'rigid_'),
+            **schedule,
+        )
+        final = rigid
+        if affine:
+            stage = 'AffineFast' if sloppy else 'Affine'
+            stages.append(stage)
+            final = ants.registration(
+                fixed_image,
+                moving_image,
+                type_of_transform=stage,
+                initial_transform=rigid['fwdtransforms'][0],
+                mask=mask_image,
+                outprefix=str(Path(scratch) / 'affine_'),
+            )
+        matrix_file = final['fwdtransforms'][0]
+        if not str(matrix_file).endswith('.mat'):
+            raise RegistrationError(f'{moving}: unexpected ANTs output {final["fwdtransforms"]}')
+        transform = ants.read_transform(matrix_file)
+        similarity = image_similarity(fixed_image, final['warpedmovout'])
+        forward = _write_itk_text(transform, Path(forward_path), scratch)
+        inverse = _write_itk_text(transform.invert(), Path(inverse_path), scratch)
+    return RegistrationResult(
+        forward=forward,
+        inverse=inverse,
+        similarity=similarity,
+        stages=tuple(stages),
+        seconds=time.perf_counter() - started,
+        details=details,
+    )
+
+
+def _write_itk_text(transform: Any, target: Path, scratch: str) -> Path:
+    """Write an ANTs transform as ITK text, atomically (written aside, then moved)."""
+    import ants
+
+    temporary = Path(scratch) / f'{target.name}.tmp.txt'
+    ants.write_transform(transform, str(temporary))
+    text = temporary.read_text()
+    if not text.startswith('#Insight Transform File'):
+        raise RegistrationError(f'{target}: ANTs did not write an ITK text transform')
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(temporary, target.with_name(target.name + '.part'))
+    os.replace(target.with_name(target.name + '.part'), target)
+    return target
+
+
+def register_to_template(
+    moving: str | os.PathLike[str],
+    template: TemplateBrain,
+    *,
+    forward_path: str | os.PathLike[str],
+    inverse_path: str | os.PathLike[str],
+    modality: str,
+    brain_extracted: bool | None = None,
+    detect_from: str | os.PathLike[str] | None = None,
+    sloppy: bool = False,
+    seed: int = 0,
+) -> RegistrationResult:
+    """Rigid then affine registration of ``moving`` to a template, checked.
+
+    ``brain_extracted`` None detects it (:func:`detect_brain_extracted`) on
+    ``detect_from`` (the acquired image) or else on ``moving``; skull-stripped
+    images go to the brain-extracted template with its brain mask (grown by
+    :data:`BRAIN_MASK_MARGIN_MM`), full-head images to the full-head template.
+    Starts from :func:`initial_alignment`; the result's ``details`` hold the
+    decision, the initialisation and :func:`registration_quality`.
+    """
+    import ants
+
+    evidence: dict[str, float] = {}
+    if brain_extracted is None:
+        brain_extracted, evidence = detect_brain_extracted(detect_from or moving)
+    with tempfile.TemporaryDirectory(prefix='cahal-regmask-') as scratch:
+        fixed_mask = None
+        fixed = template.head
+        if brain_extracted:
+            fixed = template.brain
+            mask = read_ants(template.brain_mask)
+            grown = ants.iMath(mask, 'MD', int(round(BRAIN_MASK_MARGIN_MM)))
+            fixed_mask = Path(scratch) / 'metric_mask.nii.gz'
+            ants.image_write(grown, str(fixed_mask))
+        result = register_linear(
+            moving,
+            fixed,
+            forward_path=forward_path,
+            inverse_path=inverse_path,
+            sloppy=sloppy,
+            seed=seed,
+            fixed_mask=fixed_mask,
+            initialize=True,
+        )
+    quality = registration_quality(moving, template, result.forward, modality=modality)
+    details = {
+        **result.details,
+        'brain_extracted': bool(brain_extracted),
+        'brain_extracted_evidence': {k: round(float(v), 4) for k, v in evidence.items()},
+        'fixed': 'brain-extracted template, brain mask' if brain_extracted else 'template head',
+        'quality': quality,
+    }
+    return RegistrationResult(
+        forward=result.forward,
+        inverse=result.inverse,
+        similarity=result.similarity,
+        stages=('Initialization', *result.stages),
+        seconds=result.seconds,
+        details=details,
+    )
+
+
+def apply_to_template(
+    moving: str | os.PathLike[str],
+    fixed: str | os.PathLike[str],
+    transform: str | os.PathLike[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    """``moving`` resampled (linear) onto the grid of ``fixed`` through ``transform``.
+
+    Returns the data and the affine of the fixed grid.
+    """
+    import ants
+
+    fixed_image = read_ants(fixed)
+    warped = ants.apply_transforms(
+        fixed=fixed_image,
+        moving=read_ants(moving),
+        transformlist=[str(transform)],
+        interpolator='linear',
+    )
+    converted = ants.to_nibabel_nifti(warped)
+    return np.asarray(converted.dataobj, dtype=np.float32), np.asarray(converted.affine)
+
+
+def compose_to_template(
+    moving: str | os.PathLike[str],
+    to_intermediate: str | os.PathLike[str],
+    intermediate_to_template: str | os.PathLike[str],
+    template: TemplateBrain,
+    *,
+    forward_path: str | os.PathLike[str],
+    inverse_path: str | os.PathLike[str],
+    modality: str,
+    intermediate: str = 'T1w',
+) -> RegistrationResult:
+    """The template transform of ``moving`` through an image of the same subject (fMRIPrep's way).
+
+    ``to_intermediate`` takes ``moving`` to the intermediate image (e.g. a FLAIR rigidly
+    to its session's T1w), ``intermediate_to_template`` takes that image to the template;
+    both are forward ITK text transforms. Their composition (:func:`~.transforms.compose`)
+    is written forward and inverse, and checked like a direct registration
+    (:func:`~cahal_bids.preprocessing.registration_quality.registration_quality` on
+    ``moving``), so a thick FLAIR never has to match the T1w template on its own.
+    """
+    started = time.perf_counter()
+    matrix = compose(read_itk_affine(to_intermediate), read_itk_affine(intermediate_to_template))
+    forward = write_itk_affine(matrix, forward_path)
+    inverse = write_itk_affine(np.linalg.inv(matrix), inverse_path)
+    quality = registration_quality(moving, template, forward, modality=modality)
+    return RegistrationResult(
+        forward=forward,
+        inverse=inverse,
+        similarity={},
+        stages=(f'composed: rigid to {intermediate}, then {intermediate} to template',),
+        seconds=time.perf_counter() - started,
+        details={'composed_through': intermediate, 'quality': quality},
+    )

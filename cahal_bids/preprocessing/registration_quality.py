@@ -1,0 +1,174 @@
+"""How far to trust a registration to a template: similarity inside the template's brain.
+
+The measure is the normalised mutual information (Studholme's
+``(H(A) + H(B)) / H(A, B)``: 1 for independent images, 2 for identical ones) between
+the template and the registered image, inside the template's brain mask and where the
+image's field of view reaches (:func:`registration_quality`). Correlation with the
+whole template (the app's former figure) mixes in the scalp, neck and background,
+which a skull-stripped or thick-slice image does not have; mutual information inside
+the brain compares what every input has, in any contrast. A registration is flagged
+doubtful below :data:`QUALITY_THRESHOLDS` for its contrast, or when less than
+:data:`MIN_BRAIN_COVERAGE` of the template's brain is in the field of view.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cahal_bids.core.ants_bridge import ants_image
+
+if TYPE_CHECKING:
+    from cahal_bids.preprocessing.brain_template import TemplateBrain
+
+__all__ = [
+    'MIN_BRAIN_COVERAGE',
+    'QUALITY_THRESHOLDS',
+    'brain_mask_in_image',
+    'normalized_mutual_information',
+    'read_ants',
+    'registration_quality',
+]
+
+QUALITY_THRESHOLDS: dict[str, float] = {'T1w': 1.0, 'T2w': 1.0, 'FLAIR': 1.0}
+"""Normalised mutual information with the template in its brain mask below which a
+registration is doubtful, per contrast (calibrated on the validation split; see
+docs/evaluation.md)."""
+
+MIN_BRAIN_COVERAGE = 0.5
+"""Fraction of the template's brain that the registered field of view must cover."""
+
+
+def read_ants(path: str | os.PathLike[str]) -> Any:
+    """The float32 image at ``path`` as an ANTs image (trailing unit axes dropped)."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if data.ndim > 3:
+        data = data.reshape(data.shape[:3])
+    return ants_image(data, image.affine)
+
+
+def normalized_mutual_information(
+    first: np.ndarray, second: np.ndarray, *, bins: int = 32
+) -> float:
+    """Studholme's NMI ``(H(A) + H(B)) / H(A, B)`` of paired samples (1 to 2).
+
+    Each variable is clipped to its 0.5-99.5th percentiles and binned in ``bins``
+    equal bins.
+
+    >>> x = np.linspace(0, 1, 1000)
+    >>> round(normalized_mutual_information(x, x), 3)
+    2.0
+    >>> round(normalized_mutual_information(x, -x ** 2), 3)
+    2.0
+    """
+    a = np.asarray(first, dtype=np.float64).ravel()
+    b = np.asarray(second, dtype=np.float64).ravel()
+    if a.size != b.size or a.size < 2:
+        raise ValueError(f'need two samples of the same size, got {a.size} and {b.size}')
+
+    def binned(values: np.ndarray) -> np.ndarray:
+        low, high = np.percentile(values, [0.5, 99.5])
+        if high <= low:
+            return np.zeros(values.shape, dtype=np.int64)
+        scaled = (np.clip(values, low, high) - low) / (high - low)
+        return np.minimum((scaled * bins).astype(np.int64), bins - 1)
+
+    joint = np.bincount(binned(a) * bins + binned(b), minlength=bins * bins).astype(np.float64)
+    joint /= joint.sum()
+
+    def entropy(p: np.ndarray) -> float:
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    table = joint.reshape(bins, bins)
+    h_joint = entropy(joint)
+    if h_joint == 0:
+        return 2.0
+    return (entropy(table.sum(axis=1)) + entropy(table.sum(axis=0))) / h_joint
+
+
+def registration_quality(
+    moving: str | os.PathLike[str],
+    template: TemplateBrain,
+    transform: str | os.PathLike[str],
+    *,
+    modality: str,
+) -> dict[str, Any]:
+    """How well ``moving`` sits on ``template`` through ``transform`` (image -> template).
+
+    The image is resampled (linear) onto the template grid; inside the template's
+    brain mask, where the image's field of view reaches, the normalised mutual
+    information (:func:`normalized_mutual_information`) and the correlation with the
+    template are computed. ``doubtful`` is True when the NMI is below the
+    contrast's :data:`QUALITY_THRESHOLDS` entry or the brain is less than
+    :data:`MIN_BRAIN_COVERAGE` covered.
+    """
+    import ants
+
+    fixed = read_ants(template.head)
+    mask = read_ants(template.brain_mask).numpy() > 0
+    image = read_ants(moving)
+    warped = ants.apply_transforms(fixed, image, [str(transform)], interpolator='linear')
+    ones = image.new_image_like(np.ones(image.shape, dtype=np.float32))
+    reach = ants.apply_transforms(fixed, ones, [str(transform)], interpolator='linear')
+    inside = mask & (reach.numpy() > 0.999)
+    coverage = float(inside.sum()) / max(int(mask.sum()), 1)
+    threshold = QUALITY_THRESHOLDS.get(modality, min(QUALITY_THRESHOLDS.values()))
+    if inside.sum() < 1000:
+        return {
+            'metric': 'nmi_brain',
+            'nmi_brain': float('nan'),
+            'correlation_brain': float('nan'),
+            'brain_coverage': round(coverage, 4),
+            'threshold': threshold,
+            'doubtful': True,
+        }
+    template_values = fixed.numpy()[inside]
+    image_values = warped.numpy()[inside]
+    nmi = normalized_mutual_information(template_values, image_values)
+    correlation = float(np.corrcoef(template_values, image_values)[0, 1])
+    return {
+        'metric': 'nmi_brain',
+        'nmi_brain': round(nmi, 5),
+        'correlation_brain': round(correlation, 5),
+        'brain_coverage': round(coverage, 4),
+        'threshold': threshold,
+        'doubtful': bool(nmi < threshold or coverage < MIN_BRAIN_COVERAGE),
+    }
+
+
+def brain_mask_in_image(
+    moving: str | os.PathLike[str],
+    template_mask: str | os.PathLike[str],
+    transform: str | os.PathLike[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    """A template's brain mask on the grid of ``moving`` (uint8 0/1) and that grid's affine.
+
+    ``transform`` takes the image to the template (forward, ITK convention); its
+    inverse carries the mask back (linear interpolation, kept at >= 1/2).
+    """
+    import tempfile
+
+    import ants
+
+    from cahal_bids.preprocessing.transforms import read_itk_affine, write_itk_affine
+
+    image = read_ants(moving)
+    with tempfile.TemporaryDirectory(prefix='cahal-mask-') as scratch:
+        inverse = write_itk_affine(
+            np.linalg.inv(read_itk_affine(transform)), f'{scratch}/inverse.txt'
+        )
+        carried = ants.apply_transforms(
+            fixed=image,
+            moving=read_ants(template_mask),
+            transformlist=[str(inverse)],
+            interpolator='linear',
+        )
+    converted = ants.to_nibabel_nifti(carried)
+    mask = (np.asarray(converted.dataobj) >= 0.5).astype(np.uint8)
+    return mask, np.asarray(converted.affine)

@@ -1,0 +1,343 @@
+"""Registration to a template: ITK transforms, the template's brain, skull-stripped
+detection, initialisation, the quality measure and determinism (phantoms; the real
+template where ../shared/data is present)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cahal_bids.preprocessing import brain_template
+from cahal_bids.preprocessing.brain_template import TemplateBrain, brain_extracted_template
+from cahal_bids.preprocessing.registration import (
+    compose_to_template,
+    detect_brain_extracted,
+    register_linear,
+    register_to_template,
+)
+from cahal_bids.preprocessing.registration_quality import (
+    brain_mask_in_image,
+    normalized_mutual_information,
+    registration_quality,
+)
+from cahal_bids.preprocessing.transforms import (
+    TransformFileError,
+    compose,
+    mask_points,
+    mean_displacement,
+    read_itk_affine,
+    write_itk_affine,
+)
+
+
+def _rigid(degrees: float, axis: int, shift: tuple[float, float, float]) -> np.ndarray:
+    angle = np.deg2rad(degrees)
+    matrix = np.eye(4)
+    others = [a for a in range(3) if a != axis]
+    matrix[np.ix_(others, others)] = [
+        [np.cos(angle), -np.sin(angle)],
+        [np.sin(angle), np.cos(angle)],
+    ]
+    matrix[:3, 3] = shift
+    return matrix
+
+
+def test_itk_text_round_trip_matches_ants(tmp_path):
+    import ants
+
+    transform = ants.create_ants_transform(
+        transform_type='AffineTransform',
+        precision='double',
+        dimension=3,
+        matrix=_rigid(12, 0, (0, 0, 0))[:3, :3] * 1.05,
+        center=(3.0, -7.0, 11.0),
+        translation=(4.0, 5.0, -6.0),
+    )
+    ants.write_transform(transform, str(tmp_path / 'ants.txt'))
+    matrix = read_itk_affine(tmp_path / 'ants.txt')
+    for point in [(0.0, 0.0, 0.0), (10.0, -20.0, 30.0), (-50.0, 8.0, 2.5)]:
+        expected = ants.apply_ants_transform_to_point(transform, point)
+        np.testing.assert_allclose(matrix[:3, :3] @ point + matrix[:3, 3], expected, atol=1e-6)
+    write_itk_affine(matrix, tmp_path / 'ours.txt')
+    np.testing.assert_allclose(read_itk_affine(tmp_path / 'ours.txt'), matrix, atol=1e-12)
+    again = ants.read_transform(str(tmp_path / 'ours.txt'))
+    np.testing.assert_allclose(
+        ants.apply_ants_transform_to_point(again, (10.0, -20.0, 30.0)),
+        ants.apply_ants_transform_to_point(transform, (10.0, -20.0, 30.0)),
+        atol=1e-6,
+    )
+
+
+def test_unreadable_transforms_name_the_file(tmp_path):
+    bad = tmp_path / 'bad.txt'
+    bad.write_text('#Insight Transform File V1.0\nTransform: BSplineTransform_double_3_3\n')
+    with pytest.raises(TransformFileError, match='bad.txt'):
+        read_itk_affine(bad)
+    with pytest.raises(ValueError, match='4 x 4'):
+        write_itk_affine(np.eye(3), tmp_path / 'x.txt')
+
+
+def test_composition_and_displacement():
+    flair_to_t1w = _rigid(5, 2, (1.0, 2.0, 0.0))
+    t1w_to_template = _rigid(-8, 0, (0.0, -3.0, 4.0))
+    points = np.random.default_rng(0).normal(0, 40, (500, 3))
+    composed = compose(flair_to_t1w, t1w_to_template)
+    # a template point goes to the T1w first, then to the FLAIR
+    step = points @ t1w_to_template[:3, :3].T + t1w_to_template[:3, 3]
+    expected = step @ flair_to_t1w[:3, :3].T + flair_to_t1w[:3, 3]
+    np.testing.assert_allclose(points @ composed[:3, :3].T + composed[:3, 3], expected)
+    shift = np.eye(4)
+    shift[:3, 3] = [0.0, 3.0, 4.0]
+    assert mean_displacement(shift @ composed, composed, points) == pytest.approx(5.0)
+    assert mean_displacement(composed, composed, points) == 0.0
+    with pytest.raises(ValueError, match='no points'):
+        mean_displacement(composed, composed, np.zeros((0, 3)))
+
+
+def test_mask_points_are_lps_world_coordinates(tmp_path):
+    data = np.zeros((4, 5, 6), dtype=np.uint8)
+    data[1, 2, 3] = 1
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-10.0, 20.0, 5.0]
+    nib.Nifti1Image(data, affine).to_filename(tmp_path / 'mask.nii.gz')
+    np.testing.assert_allclose(mask_points(tmp_path / 'mask.nii.gz'), [[8.0, -24.0, 11.0]])
+
+
+def test_normalized_mutual_information_orders_alignment():
+    rng = np.random.default_rng(0)
+    signal = rng.random(20_000)
+    assert normalized_mutual_information(signal, signal) == pytest.approx(2.0)
+    noisy = signal + rng.normal(0, 0.05, signal.size)
+    unrelated = rng.random(signal.size)
+    assert normalized_mutual_information(signal, noisy) > 1.2
+    assert normalized_mutual_information(signal, unrelated) < 1.02
+    with pytest.raises(ValueError, match='same size'):
+        normalized_mutual_information(signal, signal[:10])
+
+
+# --- phantoms -------------------------------------------------------------------------
+
+
+def _phantom(shape, sizes, *, seed=0, stripped=False):
+    """The conftest head phantom in millimetres; ``stripped`` zeroes all but the brain."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, sizes, strict=True)]
+    x, y, z = np.meshgrid(*axes, indexing='ij')
+    radius = np.sqrt((x / 30) ** 2 + (y / 36) ** 2 + (z / 28) ** 2)
+    volume = np.where(radius < 1.0, 60.0, 0.0)
+    volume = np.where(radius < 0.85, 100.0, volume)
+    # an asymmetric 'ventricle' and a bright 'nose' so that orientation is defined
+    volume = np.where(np.sqrt(((x - 6) / 6) ** 2 + ((y - 8) / 12) ** 2 + ((z - 6) / 5) ** 2) < 1,
+                      30.0, volume)  # fmt: skip
+    volume = np.where(np.sqrt((x / 6) ** 2 + ((y - 34) / 6) ** 2 + ((z + 10) / 8) ** 2) < 1,
+                      80.0, volume)  # fmt: skip
+    volume = ndimage.gaussian_filter(volume, [1.0 / s for s in sizes])
+    volume = (volume + rng.normal(0, 1.0, volume.shape)).clip(0)
+    if stripped:
+        volume = np.where(radius < 0.85, volume, 0.0)
+    return volume.astype(np.float32), radius < 0.85
+
+
+def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_xyzt_units('mm', 'sec')
+    image.to_filename(path)
+    return path
+
+
+def _centred(shape, sizes) -> np.ndarray:
+    affine = np.diag([*sizes, 1.0])
+    affine[:3, 3] = -(np.asarray(shape) - 1) / 2 * np.asarray(sizes)
+    return affine
+
+
+@pytest.fixture(scope='module')
+def phantom_template(tmp_path_factory) -> TemplateBrain:
+    """A 1 mm phantom template with a known brain mask (no derivation needed)."""
+    folder = tmp_path_factory.mktemp('phantom_template')
+    shape = (80, 92, 76)
+    head, brain = _phantom(shape, (1.0, 1.0, 1.0), seed=5)
+    affine = _centred(shape, (1.0, 1.0, 1.0))
+    return TemplateBrain(
+        name='Phantom',
+        head=_save(folder / 'head.nii.gz', head, affine),
+        brain=_save(folder / 'brain.nii.gz', np.where(brain, head, 0).astype(np.float32), affine),
+        brain_mask=_save(folder / 'mask.nii.gz', brain.astype(np.uint8), affine),
+        record={},
+    )
+
+
+def _moving(tmp_path, name, *, sizes=(1.0, 1.0, 4.0), world=None, stripped=False, seed=1):
+    """A thick-slice phantom placed in the world by ``world`` (its true pose)."""
+    extents = (76, 88, 72)
+    shape = [int(round(e / s)) for e, s in zip(extents, sizes, strict=True)]
+    data, _ = _phantom(shape, sizes, seed=seed, stripped=stripped)
+    affine = (np.eye(4) if world is None else world) @ _centred(shape, sizes)
+    return _save(tmp_path / name, data, affine)
+
+
+def _truth_displacement(forward: Path, world: np.ndarray, template: TemplateBrain) -> float:
+    """Mean error (mm) of a forward transform whose truth is ``world`` (RAS, image pose)."""
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    expected = lps @ world @ lps  # a template point (LPS) -> where the image holds it
+    points = mask_points(template.brain_mask, step=2)
+    return mean_displacement(read_itk_affine(forward), expected, points)
+
+
+def test_skull_stripped_inputs_are_detected_from_the_image(tmp_path):
+    full = _moving(tmp_path, 'full.nii.gz')
+    stripped = _moving(tmp_path, 'stripped.nii.gz', stripped=True)
+    assert detect_brain_extracted(full)[0] is False
+    decision, evidence = detect_brain_extracted(stripped)
+    assert decision is True and evidence['outside_zero_fraction'] > 0.95
+    # the file name plays no part
+    renamed = shutil.copy(stripped, tmp_path / 'sub-01_T1w.nii.gz')
+    assert detect_brain_extracted(renamed)[0] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('stripped', [False, True])
+def test_tilted_shifted_thick_slices_register_to_the_phantom_template(
+    tmp_path, phantom_template, stripped
+):
+    world = _rigid(12, 0, (4.0, -6.0, 20.0))  # nodding 12 degrees, 20 mm up
+    moving = _moving(tmp_path, 'moving.nii.gz', world=world, stripped=stripped)
+    result = register_to_template(
+        moving,
+        phantom_template,
+        forward_path=tmp_path / 'fwd.txt',
+        inverse_path=tmp_path / 'inv.txt',
+        modality='T1w',
+        sloppy=True,
+    )
+    details = result.as_dict()
+    assert details['brain_extracted'] is stripped
+    assert details['fixed'] == (
+        'brain-extracted template, brain mask' if stripped else 'template head'
+    )
+    assert details['initialization']['starts'] == 15
+    assert _truth_displacement(result.forward, world, phantom_template) < 1.5
+    assert details['quality']['doubtful'] is False
+    assert details['quality']['brain_coverage'] > 0.9
+    # the same seed gives the same transforms
+    again = register_to_template(
+        moving,
+        phantom_template,
+        forward_path=tmp_path / 'fwd2.txt',
+        inverse_path=tmp_path / 'inv2.txt',
+        modality='T1w',
+        sloppy=True,
+    )
+    assert again.forward.read_text() == result.forward.read_text()
+
+
+@pytest.mark.slow
+def test_quality_flags_a_misregistration(tmp_path, phantom_template):
+    moving = _moving(tmp_path, 'moving.nii.gz', sizes=(1.0, 1.0, 1.0))
+    good = tmp_path / 'good.txt'
+    write_itk_affine(np.eye(4), good)
+    wrong = tmp_path / 'wrong.txt'
+    write_itk_affine(_rigid(25, 1, (8.0, 0.0, 18.0)), wrong)
+    fine = registration_quality(moving, phantom_template, good, modality='T1w')
+    bad = registration_quality(moving, phantom_template, wrong, modality='T1w')
+    assert fine['nmi_brain'] > bad['nmi_brain']
+    assert fine['doubtful'] is False
+    assert fine['brain_coverage'] == pytest.approx(1.0)
+    # the template's brain carried back onto the image's grid
+    mask, affine = brain_mask_in_image(moving, phantom_template.brain_mask, good)
+    _, truth = _phantom(mask.shape, (1.0, 1.0, 1.0))
+    np.testing.assert_allclose(affine, nib.load(str(moving)).affine, atol=1e-4)
+    overlap = 2 * (mask.astype(bool) & truth).sum() / (mask.sum() + truth.sum())
+    assert overlap > 0.95
+
+
+def test_composed_template_transform(tmp_path, phantom_template):
+    """FLAIR -> T1w, then T1w -> template: the FLAIR's template transform and its check."""
+    moving = _moving(tmp_path, 'flair.nii.gz', sizes=(1.0, 1.0, 1.0))
+    to_t1w, t1w_to_template = _rigid(4, 2, (2.0, 0.0, 0.0)), _rigid(-4, 2, (-2.0, 0.0, 0.0))
+    write_itk_affine(to_t1w, tmp_path / 'flair2t1w.txt')
+    write_itk_affine(np.linalg.inv(to_t1w), tmp_path / 't1w2tpl.txt')
+    result = compose_to_template(
+        moving,
+        tmp_path / 'flair2t1w.txt',
+        tmp_path / 't1w2tpl.txt',
+        phantom_template,
+        forward_path=tmp_path / 'fwd.txt',
+        inverse_path=tmp_path / 'inv.txt',
+        modality='FLAIR',
+    )
+    np.testing.assert_allclose(read_itk_affine(result.forward), np.eye(4), atol=1e-9)
+    np.testing.assert_allclose(read_itk_affine(result.inverse), np.eye(4), atol=1e-9)
+    details = result.as_dict()
+    assert details['composed_through'] == 'T1w'
+    assert details['quality']['doubtful'] is False
+    del t1w_to_template
+
+
+@pytest.mark.slow
+def test_register_linear_rigid_only_with_a_mask(tmp_path, phantom_template):
+    world = _rigid(6, 2, (3.0, 2.0, -4.0))
+    moving = _moving(tmp_path, 'moving.nii.gz', sizes=(1.0, 1.0, 1.0), world=world)
+    result = register_linear(
+        moving,
+        phantom_template.head,
+        forward_path=tmp_path / 'fwd.txt',
+        inverse_path=tmp_path / 'inv.txt',
+        affine=False,
+        sloppy=True,
+        fixed_mask=phantom_template.brain_mask,
+        initialize=True,
+    )
+    assert result.stages == ('QuickRigid',)
+    assert 'initialization' in result.as_dict()
+    assert _truth_displacement(result.forward, world, phantom_template) < 1.5
+
+
+# --- the template's brain -----------------------------------------------------------
+
+
+def test_template_brain_is_cached_and_checked(tmp_path, monkeypatch, phantom_template):
+    calls = []
+
+    def fake_mask(head_file, *, mni_space=True, seed=0):
+        calls.append(head_file)
+        image = nib.load(str(phantom_template.brain_mask))
+        return np.asarray(image.dataobj) > 0, image.affine, {'prior': 'test'}
+
+    monkeypatch.setattr(brain_template, 'template_own_brain_mask', fake_mask)
+    first = brain_extracted_template(phantom_template.head, tmp_path, name='Phantom')
+    assert first.brain_mask.parent.name.startswith('Phantom-')
+    assert first.record['brain_mask_sha256'] and len(calls) == 1
+    second = brain_extracted_template(phantom_template.head, tmp_path, name='Phantom')
+    assert len(calls) == 1 and second.record == first.record
+    # an altered file is noticed and recomputed
+    first.brain_mask.write_bytes(b'not the mask')
+    third = brain_extracted_template(phantom_template.head, tmp_path, name='Phantom')
+    assert (
+        len(calls) == 2 and third.record['brain_mask_sha256'] == first.record['brain_mask_sha256']
+    )
+    brain = nib.load(str(third.brain)).get_fdata()
+    mask = nib.load(str(third.brain_mask)).get_fdata() > 0
+    assert np.all(brain[~mask] == 0) and np.all(brain[mask] >= 0)
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_mni_template_brain_mask_is_reproducible(shared_data, tmp_path):
+    """The brain of MNI152NLin2009cAsym, from nilearn's mask: brain-sized, same bytes twice."""
+    head = (
+        shared_data
+        / 'templateflow/tpl-MNI152NLin2009cAsym/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz'
+    )
+    first = brain_extracted_template(head, tmp_path / 'a', name='MNI152NLin2009cAsym')
+    second = brain_extracted_template(head, tmp_path / 'b', name='MNI152NLin2009cAsym')
+    assert first.record['brain_mask_sha256'] == second.record['brain_mask_sha256']
+    assert 1.6 < first.record['recipe']['brain_litres'] < 2.0
+    mask = nib.load(str(first.brain_mask))
+    assert mask.shape == nib.load(str(head)).shape
