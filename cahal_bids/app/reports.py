@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cahal_bids.app.group import registration_sidecar
+from cahal_bids.app.group import registration_path, registration_sidecar
 from cahal_bids.core.atomic import atomic_path, write_text_atomic
 
 __all__ = [
@@ -154,6 +154,46 @@ def registration_figure(
     return path
 
 
+def _registration_table(xfm: Path) -> str:
+    """A transform's table: how it was obtained and, to a template, whether to trust it."""
+    info = _read_json(xfm).get('Registration', {})
+    rows: list[tuple[str, Any]] = [
+        ('transform', xfm.name[: -len('.json')] + '.txt'),
+        ('stages', ' then '.join(info.get('stages', []))),
+    ]
+    quality = info.get('quality')
+    flag = ''
+    if quality:
+        doubtful = bool(quality.get('doubtful'))
+        rows += [
+            ('path', registration_path(info)),
+            (
+                'similarity in the template brain (NMI)',
+                f'{quality.get("nmi_brain", float("nan")):.4f} (threshold '
+                f'{quality.get("threshold", float("nan")):.4f}; brain in view '
+                f'{100 * quality.get("brain_coverage", float("nan")):.0f} %)',
+            ),
+            ('registration', 'DOUBTFUL: check the figure' if doubtful else 'ok'),
+        ]
+        flag = (
+            '<p class="error">Doubtful registration: the image is less similar to the '
+            'template inside its brain than any good registration of the validation '
+            'images. Check the registration figure before using the transform.</p>'
+            if doubtful
+            else ''
+        )
+    else:
+        similarity = info.get('similarity', {})
+        rows.append(
+            (
+                'correlation with the reference image (whole image)',
+                f'{similarity.get("correlation", float("nan")):.3f}',
+            )
+        )
+    rows.append(('seconds', info.get('seconds')))
+    return flag + _table(rows)
+
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1, h2, h3 { font-weight: 600; } table { border-collapse: collapse; margin: 0.5em 0; }
@@ -161,6 +201,7 @@ td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 td { overflow-wrap: anywhere; }
 img { max-width: 100%; } .error { color: #a00; white-space: pre-wrap; }
 .ok { color: #070; } .muted { color: #666; } pre { background: #f4f4f4; padding: 0.6em; }
+tr.doubtful td { background: #fde2e2; }
 """
 
 _VIEWPORT = '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -265,18 +306,7 @@ def write_subject_report(
         figures = sorted((subject_dir / 'figures').glob(f'{stem_entities}_*{suffix}.png'))
         parts = [f'<h3>{html.escape(stem)}</h3>', _table(rows)]
         for xfm in registration:
-            info = _read_json(xfm).get('Registration', {})
-            similarity = info.get('similarity', {})
-            parts.append(
-                _table(
-                    [
-                        ('transform', xfm.name[: -len('.json')] + '.txt'),
-                        ('stages', ' then '.join(info.get('stages', []))),
-                        ('correlation with reference', f'{similarity.get("correlation", 0):.3f}'),
-                        ('seconds', info.get('seconds')),
-                    ]
-                )
-            )
+            parts.append(_registration_table(xfm))
         for figure in figures:
             parts.append(
                 f'<figure><img src="{html.escape(_relative(figure, root))}" '
@@ -318,6 +348,7 @@ def write_group_report(
     body = []
     for row in rows:
         cells = []
+        doubtful = str(row.get('registration_doubtful')) == 'True'
         for column in columns:
             value = row[column]
             if column == 'subject':
@@ -327,11 +358,22 @@ def write_group_report(
                 )
             else:
                 cells.append(f'<td>{html.escape(str(value))}</td>')
-        body.append(f'<tr>{"".join(cells)}</tr>')
+        body.append(
+            f'<tr class="doubtful">{"".join(cells)}</tr>'
+            if doubtful
+            else f'<tr>{"".join(cells)}</tr>'
+        )
+    flagged = sum(str(row.get('registration_doubtful')) == 'True' for row in rows)
+    warning = (
+        f'<p class="error">{flagged} doubtful registration(s), highlighted: check their '
+        'registration figures in the subject reports.</p>'
+        if flagged
+        else ''
+    )
     page = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{_VIEWPORT}'
         f'<title>cahal-bids: group</title><style>{_STYLE}</style></head><body>'
-        f'<h1>cahal-bids group summary</h1><p>{len(rows)} image(s).</p>'
+        f'<h1>cahal-bids group summary</h1><p>{len(rows)} image(s).</p>{warning}'
         f'<table><tr>{head}</tr>{"".join(body)}</table></body></html>\n'
     )
     return write_text_atomic(root / 'group.html', page)
