@@ -233,15 +233,20 @@ def test_single_subject_graph_follows_the_options(
     names = {f'sub_01_wf.{node.fullname}' for node in workflow._get_all_nodes()}
     modalities = ['t1w', 'flair'] if with_flair else ['t1w']
     for key in modalities:
+        # the T1w registers to the template, the FLAIR through the T1w
+        template_wf = 'register_t1w_wf.register' if key == 't1w' else 'compose_flair_wf.compose'
+        resample_wf = f'{template_wf.split(".")[0]}.resample'
         assert f'sub_01_wf.enhance_{key}_wf.enhance' in names
         assert (f'sub_01_wf.enhance_{key}_wf.denoise' in names) == denoise
-        assert (f'sub_01_wf.register_{key}_wf.register' in names) == (not skip_registration)
-        assert (f'sub_01_wf.register_{key}_wf.resample' in names) == (
-            output_spaces and not skip_registration
+        assert (f'sub_01_wf.{template_wf}' in names) == (not skip_registration)
+        assert (f'sub_01_wf.{resample_wf}' in names) == (output_spaces and not skip_registration)
+        assert (f'sub_01_wf.ds_registration_{key}_wf.ds_brain_mask' in names) == (
+            not skip_registration
         )
         assert (f'sub_01_wf.ds_enhanced_{key}_wf.ds_denoised' in names) == (
             write_intermediate and denoise
         )
+    assert 'sub_01_wf.register_flair_wf.register' not in names
     assert ('sub_01_wf.flair2t1w_flair_wf.register' in names) == with_flair
     sinks = {name for name in names if name.split('.')[-1].startswith('ds_')}
     writers = {
@@ -258,6 +263,9 @@ def test_single_subject_graph_follows_the_options(
     assert ('to MNI152NLin2009cAsym space' in text) == (not skip_registration)
     assert ('additionally resampled' in text) == (output_spaces and not skip_registration)
     assert ('restored FLAIR image to T1w space' in text) == with_flair
+    assert ('composition of its rigid transform to the T1w image' in text) == (
+        with_flair and not skip_registration
+    )
 
 
 @pytest.mark.parametrize('with_t1w', [True, False])
@@ -274,7 +282,9 @@ def test_every_other_contrast_is_aligned_to_the_t1w(with_t1w):
     names = {f'sub_01_wf.{node.fullname}' for node in workflow._get_all_nodes()}
     for key in ('flair', 't2w'):
         assert f'sub_01_wf.enhance_{key}_wf.enhance' in names
-        assert f'sub_01_wf.register_{key}_wf.register' in names  # to the template
+        # to the template: through the T1w when there is one, directly otherwise
+        assert (f'sub_01_wf.register_{key}_wf.register' in names) == (not with_t1w)
+        assert (f'sub_01_wf.compose_{key}_wf.compose' in names) == with_t1w
         assert (f'sub_01_wf.{key}2t1w_{key}_wf.register' in names) == with_t1w
         assert (f'sub_01_wf.ds_{key}2t1w_{key}_wf.ds_forward' in names) == with_t1w
     assert not any('t1w2t1w' in name for name in names)
@@ -379,6 +389,8 @@ def test_participant_run_writes_bids_derivatives(full_run, assets):
         'sub-01_from-T2w_to-T1w_mode-image_xfm.json',
         'sub-01_from-T1w_to-T2w_mode-image_xfm.txt',
         'sub-01_space-Phantom_desc-cahal_T2w.nii.gz',
+        'sub-01_space-T1w_desc-brain_mask.nii.gz', 'sub-01_space-T1w_desc-brain_mask.json',
+        'sub-01_space-FLAIR_desc-brain_mask.nii.gz', 'sub-01_space-T2w_desc-brain_mask.nii.gz',
     ]  # fmt: skip
     for name in expected:
         assert (anat / name).is_file(), name
@@ -418,8 +430,19 @@ def test_sidecars_carry_provenance_and_routing(full_run):
     registration = json.loads(
         (anat / 'sub-01_from-T1w_to-Phantom_mode-image_xfm.json').read_text()
     )['Registration']
-    assert registration['stages'] == ['QuickRigid', 'AffineFast']
-    assert registration['similarity']['correlation'] > 0.8
+    assert registration['stages'] == ['Initialization', 'QuickRigid', 'AffineFast']
+    assert registration['brain_extracted'] is False
+    assert registration['quality']['doubtful'] is False
+    assert registration['quality']['nmi_brain'] > registration['quality']['threshold']
+    composed = json.loads((anat / 'sub-01_from-FLAIR_to-Phantom_mode-image_xfm.json').read_text())[
+        'Registration'
+    ]
+    assert composed['composed_through'] == 'T1w' and 'quality' in composed
+    mask = nib.load(anat / 'sub-01_space-FLAIR_desc-brain_mask.nii.gz')
+    enhanced = nib.load(anat / 'sub-01_desc-cahal_FLAIR.nii.gz')
+    assert mask.shape == enhanced.shape and mask.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(mask.affine, enhanced.affine, atol=1e-4)
+    assert 0 < np.asarray(mask.dataobj).sum() < np.prod(mask.shape)
 
 
 def test_t2w_is_served_by_the_t1w_zoo_and_aligned_to_the_t1w(full_run, assets):
@@ -502,10 +525,15 @@ def test_group_level_summarises_every_image(full_run, assets):
     by_file = {row['file']: row for row in rows}
     flair = by_file['sub-01/anat/sub-01_desc-cahal_FLAIR.nii.gz']
     assert flair['cell'] == 'V5A1' and flair['modality'] == 'FLAIR'
-    assert float(flair['registration_correlation']) > 0.8
+    assert flair['registration_path'] == 'through T1w'
+    assert flair['registration_doubtful'] == 'False'
+    assert float(flair['registration_nmi_brain']) > float(flair['registration_threshold'])
     t2w = by_file['sub-01/anat/sub-01_desc-cahal_T2w.nii.gz']
     assert t2w['cell'] == 'V3A2' and t2w['modality'] == 'T2w' and t2w['skipped'] == 'False'
-    assert float(t2w['registration_correlation']) > 0.8  # to the template, not the T1w
+    assert t2w['registration_path'] == 'through T1w'  # to the template, through the T1w
+    t1w = by_file['sub-01/anat/sub-01_desc-cahal_T1w.nii.gz']
+    assert t1w['registration_path'] == 'direct' and t1w['registration_doubtful'] == 'False'
+    assert 'correlation' not in lines[0]
     assert float(flair['consistency_rmse_trilinear']) > 0
     assert float(flair['consistency_rmse_cahal']) > 0
     assert flair['consistency_warning'] in {'True', 'False'}
@@ -725,7 +753,8 @@ def test_real_clinical_flair_session(shared_data, assets, tmp_path, monkeypatch)
     registration = json.loads(
         (anat / 'sub-p09_ses-2_from-FLAIR_to-MNI152NLin2009cAsym_mode-image_xfm.json').read_text()
     )['Registration']
-    assert registration['similarity']['correlation'] > 0.3
+    assert registration['quality']['doubtful'] is False, registration['quality']
+    assert (anat / 'sub-p09_ses-2_space-FLAIR_desc-brain_mask.nii.gz').is_file()
     assert (out / 'sub-p09.html').is_file()
 
 

@@ -219,22 +219,59 @@ def test_tilted_shifted_thick_slices_register_to_the_phantom_template(
     details = result.as_dict()
     assert details['brain_extracted'] is stripped
     assert details['fixed'] == (
-        'brain-extracted template, brain mask' if stripped else 'template head'
+        'brain-extracted template, brain mask'
+        if stripped
+        else 'template head, brain mask in the affine stage'
     )
     assert details['initialization']['starts'] == 15
-    assert _truth_displacement(result.forward, world, phantom_template) < 1.5
+    # ANTs' fast presets stop at a quarter of the resolution: a few millimetres; a start in
+    # the wrong place ends centimetres away
+    assert _truth_displacement(result.forward, world, phantom_template) < 3.0
     assert details['quality']['doubtful'] is False
     assert details['quality']['brain_coverage'] > 0.9
-    # the same seed gives the same transforms
-    again = register_to_template(
-        moving,
-        phantom_template,
-        forward_path=tmp_path / 'fwd2.txt',
-        inverse_path=tmp_path / 'inv2.txt',
-        modality='T1w',
-        sloppy=True,
-    )
-    assert again.forward.read_text() == result.forward.read_text()
+
+
+_REGISTER_ONCE = """
+import sys
+from pathlib import Path
+from cahal_bids.preprocessing.brain_template import TemplateBrain
+from cahal_bids.preprocessing.registration import register_to_template
+folder = Path(sys.argv[1])
+template = TemplateBrain(name='Phantom', head=Path(sys.argv[2]), brain=Path(sys.argv[3]),
+                         brain_mask=Path(sys.argv[4]), record={})
+result = register_to_template(sys.argv[5], template, forward_path=folder / 'fwd.txt',
+                              inverse_path=folder / 'inv.txt', modality='T1w', seed=3)
+print(result.forward.read_text())
+"""
+
+
+@pytest.mark.slow
+def test_registration_is_deterministic(tmp_path, phantom_template):
+    """Same inputs, seed and one ITK thread: the same transforms, in two fresh processes.
+
+    ITK reads ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS once, before the first ANTs call of a
+    process; with several threads the metric's sums are not bit-reproducible.
+    """
+    import os
+    import sys
+
+    from helpers import run_captured
+
+    moving = _moving(tmp_path, 'moving.nii.gz', world=_rigid(8, 0, (3.0, -4.0, 12.0)))
+    environment = {**os.environ, 'ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS': '1'}
+    texts = []
+    for run in ('a', 'b'):
+        (tmp_path / run).mkdir()
+        result = run_captured(
+            [sys.executable, '-c', _REGISTER_ONCE, str(tmp_path / run),
+             str(phantom_template.head), str(phantom_template.brain),
+             str(phantom_template.brain_mask), str(moving)],
+            env=environment,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        texts.append(result.stdout)
+    assert texts[0].startswith('#Insight Transform File V1.0')
+    assert texts[0] == texts[1]
 
 
 @pytest.mark.slow

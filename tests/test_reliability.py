@@ -89,15 +89,27 @@ the last one before the package moved into layers (issue 17). Sidecars are left 
 they hold absolute temporary paths and the software version."""
 
 
+def _registration_output(key: str) -> bool:
+    """Transforms to and from the template, template-space images and brain masks:
+    registration to the template changed on purpose after the recording (issue 16:
+    initialisation, skull-stripped inputs, FLAIR and T2w through the T1w), so only the
+    enhanced images and the rigid FLAIR-to-T1w transforms are compared with it."""
+    return '_to-Phantom_' in key or '_from-Phantom_' in key or '_space-' in key
+
+
 @pytest.mark.slow
 def test_derivatives_match_the_recording_made_before_the_package_moved(reference_run):
     import hashlib
 
-    recorded = json.loads(RECORDED_DERIVATIVES.read_text())
+    recorded = {
+        key: value
+        for key, value in json.loads(RECORDED_DERIVATIVES.read_text()).items()
+        if not _registration_output(key)
+    }
     now = {
         key: hashlib.sha256(value).hexdigest()
         for key, value in reference_run.items()
-        if not key.endswith('.json')
+        if not key.endswith('.json') and not _registration_output(key)
     }
     assert sorted(now) == sorted(recorded)
     differing = sorted(key for key in recorded if now[key] != recorded[key])

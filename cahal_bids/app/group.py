@@ -16,6 +16,7 @@ __all__ = [
     'GROUP_COLUMNS',
     'collect_group_rows',
     'consistency_warnings',
+    'registration_path',
     'registration_sidecar',
     'write_group_summary',
 ]
@@ -32,12 +33,19 @@ GROUP_COLUMNS = (
     'expert',
     'skipped',
     'seconds',
-    'registration_correlation',
-    'registration_mattes_mi',
+    'registration_nmi_brain',
+    'registration_threshold',
+    'registration_doubtful',
+    'registration_path',
     'consistency_rmse_cahal',
     'consistency_rmse_trilinear',
     'consistency_warning',
 )
+"""Columns of ``group_summary.tsv``. The registration columns describe the transform to the
+template: normalised mutual information with the template inside its brain mask, the
+threshold of the image's contrast, whether it is doubtful (below the threshold, or too
+little of the brain in the field of view) and how it was obtained (``direct``,
+``direct, brain-extracted`` or ``through T1w``)."""
 
 
 def _entity(name: str, key: str) -> str:
@@ -45,6 +53,17 @@ def _entity(name: str, key: str) -> str:
         if part.startswith(f'{key}-'):
             return part[len(key) + 1 :]
     return ''
+
+
+def _number(value: Any) -> str:
+    return 'n/a' if value is None else f'{float(value):.4f}'
+
+
+def registration_path(registration: dict[str, Any]) -> str:
+    """How a template transform was obtained, in words, from its sidecar's record."""
+    if registration.get('composed_through'):
+        return f'through {registration["composed_through"]}'
+    return 'direct, brain-extracted' if registration.get('brain_extracted') else 'direct'
 
 
 def registration_sidecar(enhanced_sidecar: Path) -> Path | None:
@@ -108,7 +127,7 @@ def collect_group_rows(output_dir: str | os.PathLike[str]) -> list[dict[str, Any
                 registration = json.loads(xfm.read_text()).get('Registration', {})
             except (OSError, ValueError):
                 registration = {}
-        similarity = registration.get('similarity', {})
+        quality = registration.get('quality', {})
         consistency = details.get('consistency') or {}
         rows.append({
             'subject': _entity(sidecar.name, 'sub'),
@@ -122,12 +141,10 @@ def collect_group_rows(output_dir: str | os.PathLike[str]) -> list[dict[str, Any
             'expert': expert.get('cell') or 'n/a',
             'skipped': bool(details.get('skipped')),
             'seconds': details.get('seconds', 'n/a'),
-            'registration_correlation': (
-                f'{similarity["correlation"]:.4f}' if 'correlation' in similarity else 'n/a'
-            ),
-            'registration_mattes_mi': (
-                f'{similarity["mattes_mi"]:.4f}' if 'mattes_mi' in similarity else 'n/a'
-            ),
+            'registration_nmi_brain': _number(quality.get('nmi_brain')),
+            'registration_threshold': _number(quality.get('threshold')),
+            'registration_doubtful': quality['doubtful'] if 'doubtful' in quality else 'n/a',
+            'registration_path': registration_path(registration) if registration else 'n/a',
             'consistency_rmse_cahal': _rmse(consistency, 'rmse_cahal'),
             'consistency_rmse_trilinear': _rmse(consistency, 'rmse_trilinear'),
             'consistency_warning': (

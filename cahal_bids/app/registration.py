@@ -41,7 +41,8 @@ def resolve_template(
     """The T1w file of a TemplateFlow template at 1 mm, or ``template_file`` when given.
 
     TemplateFlow is only read, never asked to download: a missing or empty
-    (placeholder) file raises :class:`RegistrationError` naming the template, the
+    (placeholder) file raises
+    :class:`~cahal_bids.preprocessing.registration.RegistrationError` naming the template, the
     folder searched and the ``--template-file`` alternative.
     """
     if template_file is not None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cahal_bids.app.group import registration_sidecar
+from cahal_bids.app.group import registration_path, registration_sidecar
 from cahal_bids.core.atomic import atomic_path, write_text_atomic
 
 __all__ = [
@@ -154,6 +154,46 @@ def registration_figure(
     return path
 
 
+def _registration_table(xfm: Path) -> str:
+    """A transform's table: how it was obtained and, to a template, whether to trust it."""
+    info = _read_json(xfm).get('Registration', {})
+    rows: list[tuple[str, Any]] = [
+        ('transform', xfm.name[: -len('.json')] + '.txt'),
+        ('stages', ' then '.join(info.get('stages', []))),
+    ]
+    quality = info.get('quality')
+    flag = ''
+    if quality:
+        doubtful = bool(quality.get('doubtful'))
+        rows += [
+            ('path', registration_path(info)),
+            (
+                'similarity in the template brain (NMI)',
+                f'{quality.get("nmi_brain", float("nan")):.4f} (threshold '
+                f'{quality.get("threshold", float("nan")):.4f}; brain in view '
+                f'{100 * quality.get("brain_coverage", float("nan")):.0f} %)',
+            ),
+            ('registration', 'DOUBTFUL: check the figure' if doubtful else 'ok'),
+        ]
+        flag = (
+            '<p class="error">Doubtful registration: the image is less similar to the '
+            'template inside its brain than any good registration of the validation '
+            'images. Check the registration figure before using the transform.</p>'
+            if doubtful
+            else ''
+        )
+    else:
+        similarity = info.get('similarity', {})
+        rows.append(
+            (
+                'correlation with the reference image (whole image)',
+                f'{similarity.get("correlation", float("nan")):.3f}',
+            )
+        )
+    rows.append(('seconds', info.get('seconds')))
+    return flag + _table(rows)
+
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1, h2, h3 { font-weight: 600; } table { border-collapse: collapse; margin: 0.5em 0; }
@@ -163,6 +203,7 @@ img { max-width: 100%; } .error { color: #a00; white-space: pre-wrap; }
 .ok { color: #070; } .muted { color: #666; } pre { background: #f4f4f4; padding: 0.6em; }
 .warning { color: #8a4b00; background: #fff3d6; font-weight: 600; }
 p.warning { border-left: 4px solid #e0a000; padding: 0.4em 0.6em; }
+tr.doubtful td { background: #fde2e2; }
 """
 
 _VIEWPORT = '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -309,18 +350,7 @@ def write_subject_report(
             _table(rows),
         ]
         for xfm in registration:
-            info = _read_json(xfm).get('Registration', {})
-            similarity = info.get('similarity', {})
-            parts.append(
-                _table(
-                    [
-                        ('transform', xfm.name[: -len('.json')] + '.txt'),
-                        ('stages', ' then '.join(info.get('stages', []))),
-                        ('correlation with reference', f'{similarity.get("correlation", 0):.3f}'),
-                        ('seconds', info.get('seconds')),
-                    ]
-                )
-            )
+            parts.append(_registration_table(xfm))
         for figure in figures:
             parts.append(
                 f'<figure><img src="{html.escape(_relative(figure, root))}" '
@@ -368,6 +398,7 @@ def write_group_report(
     body = []
     for row in rows:
         cells = []
+        doubtful = str(row.get('registration_doubtful')) == 'True'
         for column in columns:
             value = row[column]
             if column == 'subject':
@@ -379,11 +410,22 @@ def write_group_report(
                 cells.append('<td class="warning">True</td>')
             else:
                 cells.append(f'<td>{html.escape(str(value))}</td>')
-        body.append(f'<tr>{"".join(cells)}</tr>')
+        body.append(
+            f'<tr class="doubtful">{"".join(cells)}</tr>'
+            if doubtful
+            else f'<tr>{"".join(cells)}</tr>'
+        )
+    doubtful_count = sum(str(row.get('registration_doubtful')) == 'True' for row in rows)
+    warning = (
+        f'<p class="error">{doubtful_count} doubtful registration(s), highlighted: check their '
+        'registration figures in the subject reports.</p>'
+        if doubtful_count
+        else ''
+    )
     page = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{_VIEWPORT}'
         f'<title>cahal-bids: group</title><style>{_STYLE}</style></head><body>'
-        f'<h1>cahal-bids group summary</h1><p>{len(rows)} image(s){flagged}.</p>'
+        f'<h1>cahal-bids group summary</h1><p>{len(rows)} image(s){flagged}.</p>{warning}'
         f'<table><tr>{head}</tr>{"".join(body)}</table></body></html>\n'
     )
     return write_text_atomic(root / 'group.html', page)

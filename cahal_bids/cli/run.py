@@ -125,6 +125,9 @@ class RunInputs:
     plugin_args: dict[str, Any] = field(default_factory=dict)
     zoo_modalities: dict[str, str] = field(default_factory=dict)
     """The modality of the zoo that serves each contrast (``{'T2w': 'T1w'}``: the T1w zoo)."""
+    template_brain: dict[str, str] | None = None
+    """The brain-extracted template and its brain mask (``{'brain', 'mask'}``), derived
+    into the work folder when processing starts (:func:`prepare_template_brain`)."""
 
 
 def collect_inputs(args: argparse.Namespace, config: RunConfig) -> RunInputs:
@@ -167,7 +170,19 @@ def _init_workflow(config: RunConfig, inputs: RunInputs) -> Any:
         zoo_ids=inputs.zoo_ids,
         template_file=inputs.template_path,
         zoo_modalities=inputs.zoo_modalities,
+        template_brain=inputs.template_brain,
     )
+
+
+def prepare_template_brain(config: RunConfig, inputs: RunInputs) -> None:
+    """Derive (once per work folder, then checked by sha256) the template's brain mask."""
+    from cahal_bids.app.registration import template_brain
+
+    if inputs.template_path is None or inputs.template_brain is not None:
+        return
+    brain = template_brain(config.template, inputs.template_path, config.work_dir)
+    inputs.template_brain = {'brain': str(brain.brain), 'mask': str(brain.brain_mask)}
+    print(f'{PROG}: template brain mask {brain.brain_mask}')
 
 
 def write_boilerplate(config: RunConfig, inputs: RunInputs) -> int:
@@ -184,6 +199,7 @@ def run_participant(config: RunConfig, inputs: RunInputs) -> int:
     from cahal_bids.app.bids import container_from_environment, write_dataset_description
     from cahal_bids.app.boilerplate import methods_text, write_citation
     from cahal_bids.app.workflows.base import subject_log_dir
+    from cahal_bids.core.errors import CahalError
 
     work_dir, output_dir = Path(config.work_dir), Path(config.output_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -192,6 +208,11 @@ def run_participant(config: RunConfig, inputs: RunInputs) -> int:
     write_dataset_description(
         output_dir, bids_dir=Path(config.bids_dir), container=container_from_environment()
     )
+    try:
+        prepare_template_brain(config, inputs)
+    except CahalError as error:
+        report_error(PROG, str(error))
+        return EXIT_FAILURE
     # built after _configure_nipype: every node copies Nipype's settings when it is made
     workflow = _init_workflow(config, inputs)
     write_citation(workflow, output_dir)

@@ -47,12 +47,16 @@ __all__ = [
 
 
 PRIOR_GROWTH_MM = 5.0
+"""How far (mm) the brain may reach beyond the registered template prior."""
 
 PRIOR_CORE_MM = 3.0
+"""Erosion (mm) of the prior whose voxels give the tissue intensities (its core)."""
 
 BRAIN_OPENING_MM = 2.0
+"""Opening (mm) that cuts thin bridges between brain and scalp or dura."""
 
 BRAIN_CLOSING_MM = 5.0
+"""Closing (mm) that fills sulci and fissures back in."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,7 +76,7 @@ def default_brain_template() -> BrainTemplate:
     """TemplateFlow's MNI152NLin2009cAsym 1 mm T1w head with nilearn's MNI152NLin2009aSym mask.
 
     The head comes from TemplateFlow (``TEMPLATEFLOW_HOME``, read offline by
-    :func:`~cahal_bids.core.templates.template_file`);
+    ``core.templates.template_file``);
     the brain mask is ``nilearn.datasets.load_mni152_brain_mask(resolution=1)``,
     the thresholded brain-extracted ICBM 2009a symmetric template that nilearn
     ships. Both templates live in the same MNI world space and differ by a millimetre
@@ -124,7 +128,7 @@ def template_brain_mask(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Brain mask of a full-head 1 mm image: template prior, refined by intensity.
 
-    ``image`` should be bias-corrected (:func:`bias_corrected`); ``affine`` is its
+    ``image`` should be bias-corrected (``preprocessing.bias_field``); ``affine`` is its
     voxel-to-world matrix (isotropic 1 mm). See the module docstring for the
     recipe. Returns the mask and a JSON-ready record of what was done.
     """

@@ -5,9 +5,8 @@ resolution, ITK text transforms written forward and inverse). :func:`register_to
 builds on it for real inputs:
 
 * **skull-stripped inputs** are recognised from the image (:func:`detect_brain_extracted`:
-  :func:`~cahal_bids.preprocessing.masks.estimate_head_mask` and
-  :func:`~cahal_bids.preprocessing.masks.looks_brain_extracted`, the tests training
-  preparation uses) and registered to the brain-extracted template, the metric
+  ``preprocessing.masks.estimate_head_mask`` and ``looks_brain_extracted``, the tests
+  training preparation uses) and registered to the brain-extracted template, the metric
   restricted to its brain mask grown by :data:`BRAIN_MASK_MARGIN_MM`
   (:func:`~cahal_bids.preprocessing.brain_template.brain_extracted_template`);
   full-head inputs go to the full-head template, as before;
@@ -23,8 +22,11 @@ builds on it for real inputs:
   normalised mutual information with the template inside its brain mask, and a
   doubtful flag below a threshold calibrated on the validation split.
 
-Every ANTs call runs under a fixed seed (:func:`~cahal_bids.core.ants_bridge.ants_seed`):
-the same inputs, seed and ITK thread count give the same transforms.
+Every ANTs call runs under a fixed seed (``core.ants_bridge.ants_seed``): the same
+inputs and seed give the same transforms when ITK runs one thread
+(``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1`` before the first ANTs call of the process, as
+``cahal-bids --omp-nthreads 1`` does); with several threads the metric's sums, and so the
+transforms, change slightly from run to run. The thread setting in effect is recorded.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ __all__ = [
 ]
 
 BRAIN_MASK_MARGIN_MM = 5.0
-"""Skull-stripped inputs: the metric mask is the template brain mask grown by this."""
+"""Growth (mm) of the template brain mask into the metric mask of skull-stripped inputs
+(every stage) and of full-head inputs (the affine stage)."""
 
 START_SHIFTS_MM: tuple[float, ...] = (-30.0, -15.0, 0.0, 15.0, 30.0)
 """Starts of :func:`initial_alignment` along the superior-inferior axis, from the centres."""
@@ -94,13 +97,14 @@ class RegistrationResult:
     """Transforms written by :func:`register_linear` and how well they align."""
 
     forward: Path
-    """Moving (image) to fixed (template) in ITK's convention: resamples moving onto fixed."""
+    """The image-to-template transform in ITK's convention (it resamples the image onto the
+    template)."""
     inverse: Path
     similarity: dict[str, float]
     stages: tuple[str, ...]
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
-    """Extra JSON-ready facts: initialisation, brain extraction, quality."""
+    """Further JSON-ready facts (initialisation, brain extraction, quality)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -116,10 +120,10 @@ class RegistrationResult:
 def detect_brain_extracted(path: str | os.PathLike[str]) -> tuple[bool, dict[str, float]]:
     """Whether the image at ``path`` is skull-stripped, from its voxels (never its name).
 
-    Its head mask (:func:`~cahal_bids.preprocessing.masks.estimate_head_mask`, at the
-    image's own voxel sizes) and :func:`~cahal_bids.preprocessing.masks.looks_brain_extracted`:
-    a zero background around a brain-sized mask. Use the acquired image (zeros stay
-    zeros there; a restored or interpolated copy may ring into the background).
+    Its head mask (``preprocessing.masks.estimate_head_mask``, at the image's own voxel
+    sizes) and ``preprocessing.masks.looks_brain_extracted``: a zero background around a
+    brain-sized mask. Use the acquired image (zeros stay zeros there; a restored or
+    interpolated copy may ring into the background).
     """
     import nibabel as nib
 
@@ -268,6 +272,7 @@ def register_linear(
     sloppy: bool = False,
     seed: int = 0,
     fixed_mask: str | os.PathLike[str] | None = None,
+    affine_mask: str | os.PathLike[str] | None = None,
     initialize: bool = False,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (rigid, then affine unless ``affine`` is False).
@@ -275,9 +280,10 @@ def register_linear(
     Both stages use Mattes mutual information, so the images may differ in
     contrast (FLAIR to a T1w template). ``sloppy`` uses ANTs' fast presets (for
     tests and previews). ``fixed_mask`` restricts the metric to a region of the
-    fixed image; ``initialize`` starts from :func:`initial_alignment` instead of
-    ANTs' match of the intensity centres of mass. The transforms are written as
-    ITK text files.
+    fixed image in every stage, ``affine_mask`` in the affine stage only (after an
+    unmasked start and rigid stage); ``initialize`` starts from
+    :func:`initial_alignment` instead of ANTs' match of the intensity centres of mass.
+    The transforms are written as ITK text files.
     """
     import ants
 
@@ -285,9 +291,14 @@ def register_linear(
     fixed_image = read_ants(fixed)
     moving_image = read_ants(moving)
     mask_image = None if fixed_mask is None else read_ants(fixed_mask)
+    affine_mask_image = mask_image if affine_mask is None else read_ants(affine_mask)
     rigid_type = 'QuickRigid' if sloppy else 'Rigid'
     stages = [rigid_type]
-    details: dict[str, Any] = {}
+    # reproducible only with one ITK thread, decided before the process's first ANTs call
+    details: dict[str, Any] = {
+        'seed': seed,
+        'itk_threads': os.environ.get('ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS', 'default'),
+    }
     with tempfile.TemporaryDirectory(prefix='cahal-reg-') as scratch, ants_seed(seed):
         start = None
         if initialize:
@@ -316,7 +327,7 @@ def register_linear(
                 moving_image,
                 type_of_transform=stage,
                 initial_transform=rigid['fwdtransforms'][0],
-                mask=mask_image,
+                mask=affine_mask_image,
                 outprefix=str(Path(scratch) / 'affine_'),
             )
         matrix_file = final['fwdtransforms'][0]
@@ -368,9 +379,13 @@ def register_to_template(
     ``brain_extracted`` None detects it (:func:`detect_brain_extracted`) on
     ``detect_from`` (the acquired image) or else on ``moving``; skull-stripped
     images go to the brain-extracted template with its brain mask (grown by
-    :data:`BRAIN_MASK_MARGIN_MM`), full-head images to the full-head template.
-    Starts from :func:`initial_alignment`; the result's ``details`` hold the
-    decision, the initialisation and :func:`registration_quality`.
+    :data:`BRAIN_MASK_MARGIN_MM`) in every stage; full-head images to the full-head
+    template, started and rigidly aligned on the whole head (the head's outline is
+    the robust cue) and then affinely within the same grown brain mask (the brain, not
+    the scalp, sets the scaling; the two versions of one image then agree within a
+    millimetre). Starts from :func:`initial_alignment`; the result's ``details`` hold
+    the decision, the initialisation and
+    :func:`~cahal_bids.preprocessing.registration_quality.registration_quality`.
     """
     import ants
 
@@ -378,22 +393,19 @@ def register_to_template(
     if brain_extracted is None:
         brain_extracted, evidence = detect_brain_extracted(detect_from or moving)
     with tempfile.TemporaryDirectory(prefix='cahal-regmask-') as scratch:
-        fixed_mask = None
-        fixed = template.head
-        if brain_extracted:
-            fixed = template.brain
-            mask = read_ants(template.brain_mask)
-            grown = ants.iMath(mask, 'MD', int(round(BRAIN_MASK_MARGIN_MM)))
-            fixed_mask = Path(scratch) / 'metric_mask.nii.gz'
-            ants.image_write(grown, str(fixed_mask))
+        mask = read_ants(template.brain_mask)
+        grown = ants.iMath(mask, 'MD', int(round(BRAIN_MASK_MARGIN_MM)))
+        metric_mask = Path(scratch) / 'metric_mask.nii.gz'
+        ants.image_write(grown, str(metric_mask))
         result = register_linear(
             moving,
-            fixed,
+            template.brain if brain_extracted else template.head,
             forward_path=forward_path,
             inverse_path=inverse_path,
             sloppy=sloppy,
             seed=seed,
-            fixed_mask=fixed_mask,
+            fixed_mask=metric_mask if brain_extracted else None,
+            affine_mask=None if brain_extracted else metric_mask,
             initialize=True,
         )
     quality = registration_quality(moving, template, result.forward, modality=modality)
@@ -401,7 +413,11 @@ def register_to_template(
         **result.details,
         'brain_extracted': bool(brain_extracted),
         'brain_extracted_evidence': {k: round(float(v), 4) for k, v in evidence.items()},
-        'fixed': 'brain-extracted template, brain mask' if brain_extracted else 'template head',
+        'fixed': (
+            'brain-extracted template, brain mask'
+            if brain_extracted
+            else 'template head, brain mask in the affine stage'
+        ),
         'quality': quality,
     }
     return RegistrationResult(

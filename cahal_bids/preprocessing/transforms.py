@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-"""RAS (NIfTI world) to LPS (ITK world) and back: its own inverse."""
+"""The matrix taking RAS (NIfTI world) coordinates to LPS (ITK world) ones, and back."""
 
 _LINEAR_TYPES = (
     'AffineTransform',

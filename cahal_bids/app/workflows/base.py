@@ -13,7 +13,7 @@ from cahal_bids.app.boilerplate import package_version
 from cahal_bids.app.config import RunConfig
 from cahal_bids.app.workflows.enhance import init_enhance_wf
 from cahal_bids.app.workflows.outputs import init_ds_enhanced_wf, init_ds_registration_wf
-from cahal_bids.app.workflows.registration import init_register_wf
+from cahal_bids.app.workflows.registration import init_compose_wf, init_register_wf
 
 __all__ = ['init_cahal_wf', 'init_single_subject_wf', 'subject_log_dir']
 
@@ -62,6 +62,7 @@ def init_single_subject_wf(
     omp_nthreads: int,
     seed: int,
     consistency_projection: bool = False,
+    template_brain: Mapping[str, str] | None = None,
     name: str | None = None,
 ) -> Workflow:
     """Enhance, register and write every image of one participant.
@@ -69,7 +70,12 @@ def init_single_subject_wf(
     Each image is an independent branch: a failure in one does not stop the
     others. When the participant has a T1w image, every image of another contrast
     (FLAIR, T2w) also gets a rigid transform to a T1w (of the same session when there
-    is one), written as ``from-<contrast>_to-T1w``.
+    is one), written as ``from-<contrast>_to-T1w``, and its template transform is that
+    rigid transform composed with the T1w's
+    (:func:`~cahal_bids.app.workflows.registration.init_compose_wf`); images of a
+    participant without a T1w, and the T1w images, are registered to the template
+    directly. ``template_brain`` holds the brain-extracted template and its brain mask
+    (``{'brain': ..., 'mask': ...}``).
 
     Workflow Graph
         .. workflow::
@@ -91,6 +97,7 @@ def init_single_subject_wf(
     """
     workflow = Workflow(name=name or f'sub_{subject}_wf')
     enhanced_nodes: dict[str, Workflow] = {}
+    ds_registration_wfs: dict[str, Workflow] = {}
     for image in images:
         enhance_wf = init_enhance_wf(
             modality=image.modality,
@@ -125,37 +132,43 @@ def init_single_subject_wf(
         enhanced_nodes[image.key] = enhance_wf
         if skip_registration:
             continue
-        register_wf = init_register_wf(
-            template=template,
-            template_file=template_file,
-            omp_nthreads=omp_nthreads,
-            sloppy=sloppy,
-            resample=output_spaces,
-            seed=seed,
-            name=f'register_{image.key}_wf',
-        )
-        ds_registration_wf = init_ds_registration_wf(
+        ds_registration_wfs[image.key] = init_ds_registration_wf(
             output_dir=output_dir,
             entities=image.entities,
             modality=image.modality,
             relative_path=image.relative_path,
             template=template,
             resampled=output_spaces,
+            brain_mask=True,
             name=f'ds_registration_{image.key}_wf',
         )
-        workflow.connect([
-            (enhance_wf, register_wf, [('outputnode.enhanced', 'inputnode.moving')]),
-            (register_wf, ds_registration_wf, [
-                ('outputnode.forward', 'inputnode.forward'),
-                ('outputnode.inverse', 'inputnode.inverse'),
-                ('outputnode.report', 'inputnode.report'),
-                ('outputnode.figure', 'inputnode.figure'),
-                ('outputnode.resampled', 'inputnode.resampled'),
-            ]),
-        ])  # fmt: skip
     t1ws = [image for image in images if image.modality == 'T1w']
+    references = {
+        image.key: _reference_t1w(image, t1ws) for image in images if image.modality != 'T1w'
+    }
+    template_wfs: dict[str, Workflow] = {}
     for image in images:
-        reference = None if image.modality == 'T1w' else _reference_t1w(image, t1ws)
+        if skip_registration or references.get(image.key) is not None:
+            continue
+        register_wf = init_register_wf(
+            template=template,
+            template_file=template_file,
+            template_brain=template_brain,
+            modality=image.modality,
+            source=str(image.path),
+            omp_nthreads=omp_nthreads,
+            sloppy=sloppy,
+            resample=output_spaces,
+            seed=seed,
+            moving_label=f'{image.modality} image',
+            name=f'register_{image.key}_wf',
+        )
+        workflow.connect(
+            enhanced_nodes[image.key], 'outputnode.enhanced', register_wf, 'inputnode.moving'
+        )
+        template_wfs[image.key] = register_wf
+    for image in images:
+        reference = references.get(image.key)
         if reference is None:
             continue
         # e.g. flair2t1w_flair_wf, t2w2t1w_t2w_ses1_wf
@@ -164,6 +177,7 @@ def init_single_subject_wf(
             template='T1w',
             omp_nthreads=omp_nthreads,
             sloppy=sloppy,
+            to_template=False,
             affine=False,
             seed=seed,
             moving_label=f'{image.modality} image',
@@ -188,6 +202,35 @@ def init_single_subject_wf(
                 ('outputnode.inverse', 'inputnode.inverse'),
                 ('outputnode.report', 'inputnode.report'),
                 ('outputnode.figure', 'inputnode.figure'),
+            ]),
+        ])  # fmt: skip
+        if skip_registration:
+            continue
+        compose_wf = init_compose_wf(
+            template=template,
+            modality=image.modality,
+            template_file=template_file,
+            template_brain=template_brain,
+            resample=output_spaces,
+            name=f'compose_{image.key}_wf',
+        )
+        workflow.connect([
+            (enhanced_nodes[image.key], compose_wf, [('outputnode.enhanced', 'inputnode.moving')]),
+            (rigid_wf, compose_wf, [('outputnode.forward', 'inputnode.to_t1w')]),
+            (template_wfs[reference.key], compose_wf, [
+                ('outputnode.forward', 'inputnode.t1w_to_template'),
+            ]),
+        ])  # fmt: skip
+        template_wfs[image.key] = compose_wf
+    for key, template_wf in template_wfs.items():
+        workflow.connect([
+            (template_wf, ds_registration_wfs[key], [
+                ('outputnode.forward', 'inputnode.forward'),
+                ('outputnode.inverse', 'inputnode.inverse'),
+                ('outputnode.report', 'inputnode.report'),
+                ('outputnode.figure', 'inputnode.figure'),
+                ('outputnode.resampled', 'inputnode.resampled'),
+                ('outputnode.brain_mask', 'inputnode.brain_mask'),
             ]),
         ])  # fmt: skip
     return workflow
@@ -220,6 +263,7 @@ def init_cahal_wf(
     zoo_ids: Mapping[str, str],
     template_file: str | None,
     zoo_modalities: Mapping[str, str] | None = None,
+    template_brain: Mapping[str, str] | None = None,
 ) -> Workflow:
     """The whole participant-level run: one sub-workflow per participant.
 
@@ -261,6 +305,7 @@ def init_cahal_wf(
             sloppy=config.sloppy,
             omp_nthreads=config.omp_nthreads,
             seed=config.random_seed,
+            template_brain=template_brain,
         )
         log_dir = subject_log_dir(config.output_dir, subject, config.run_id)
         single_subject_wf.config['execution']['crashdump_dir'] = str(log_dir)

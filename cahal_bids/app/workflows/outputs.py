@@ -100,18 +100,26 @@ def init_ds_registration_wf(
     relative_path: str,
     template: str,
     resampled: bool,
+    brain_mask: bool = False,
     name: str = 'ds_registration_wf',
 ) -> Workflow:
     """Write the transforms ``..._from-<suffix>_to-<template>_mode-image_xfm.txt`` and back.
 
+    With ``brain_mask``, also the template's brain mask on the enhanced image's native
+    grid, ``..._space-<suffix>_desc-brain_mask.nii.gz`` (``space-<suffix>``: the native
+    space of that contrast, as fMRIPrep's ``space-T1w``; it keeps masks of several
+    contrasts of one session apart).
+
     Inputs
     ------
-    forward, inverse, report, figure, resampled
+    forward, inverse, report, figure, resampled, brain_mask
         From :func:`~cahal_bids.app.workflows.registration.init_register_wf`.
     """
     workflow = Workflow(name=name)
     inputnode = pe.Node(
-        niu.IdentityInterface(fields=['forward', 'inverse', 'report', 'figure', 'resampled']),
+        niu.IdentityInterface(
+            fields=['forward', 'inverse', 'report', 'figure', 'resampled', 'brain_mask']
+        ),
         name='inputnode',
     )
     source = bids_uri(relative_path)
@@ -163,5 +171,24 @@ def init_ds_registration_wf(
             **base,
         )
         connections.append((inputnode, ds_resampled, [('resampled', 'in_file')]))
+    if brain_mask:
+        ds_mask = _sink(
+            'ds_brain_mask',
+            suffix='mask',
+            space=modality,
+            desc='brain',
+            metadata={
+                'Sources': [source],
+                'SpatialReference': source,
+                'Type': 'Brain',
+                'Description': (
+                    f'The {template} brain mask carried onto the native 1 mm grid of the '
+                    'CAHAL output by the inverse of its template transform (linear, kept '
+                    'at >= 1/2): the brain the registration was checked in.'
+                ),
+            },
+            **base,
+        )
+        connections.append((inputnode, ds_mask, [('brain_mask', 'in_file')]))
     workflow.connect(connections)
     return workflow
