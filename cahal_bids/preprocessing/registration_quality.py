@@ -34,8 +34,9 @@ __all__ = [
 
 QUALITY_THRESHOLDS: dict[str, float] = {'T1w': 1.0, 'T2w': 1.0, 'FLAIR': 1.0}
 """Normalised mutual information with the template in its brain mask below which a
-registration is doubtful, per contrast (calibrated on the validation split; see
-docs/evaluation.md)."""
+registration is doubtful, per contrast. Not calibrated yet: 1.0 is the value of
+independent images, so today only :data:`MIN_BRAIN_COVERAGE` can flag a registration;
+the calibration on the validation split (issue 16) is still to be done."""
 
 MIN_BRAIN_COVERAGE = 0.5
 """Fraction of the template's brain that the registered field of view must cover."""
