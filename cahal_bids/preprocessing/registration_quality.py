@@ -95,6 +95,35 @@ def normalized_mutual_information(
     return (entropy(table.sum(axis=1)) + entropy(table.sum(axis=0))) / h_joint
 
 
+def _volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The 3D float32 data and affine of the image at ``path`` (trailing unit axes dropped)."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if data.ndim > 3:
+        data = data.reshape(data.shape[:3])
+    return data, np.asarray(image.affine, dtype=np.float64)
+
+
+def _sample(
+    data: np.ndarray, coordinates: np.ndarray, *, margin: float = 1e-3
+) -> tuple[np.ndarray, np.ndarray]:
+    """Linear interpolation of ``data`` at voxel ``coordinates`` (N x 3), and which lie inside.
+
+    scipy rather than ITK's resampler: ITK's results change in the last digits with
+    the number of threads, and the app's outputs must not (same seed, same bytes).
+    """
+    from scipy.ndimage import map_coordinates
+
+    upper = np.asarray(data.shape, dtype=np.float64) - 1
+    inside = np.all((coordinates >= -margin) & (coordinates <= upper + margin), axis=1)
+    values = map_coordinates(
+        data, np.clip(coordinates, 0, upper).T, order=1, mode='nearest', prefilter=False
+    )
+    return values, inside
+
+
 def registration_quality(
     moving: str | os.PathLike[str],
     template: TemplateBrain,
@@ -104,25 +133,26 @@ def registration_quality(
 ) -> dict[str, Any]:
     """How well ``moving`` sits on ``template`` through ``transform`` (image -> template).
 
-    The image is resampled (linear) onto the template grid; inside the template's
-    brain mask, where the image's field of view reaches, the normalised mutual
-    information (:func:`normalized_mutual_information`) and the correlation with the
-    template are computed. ``doubtful`` is True when the NMI is below the
-    contrast's :data:`QUALITY_THRESHOLDS` entry or the brain is less than
-    :data:`MIN_BRAIN_COVERAGE` covered.
+    The image is sampled (linear) at the template's brain voxels; where the image's
+    field of view reaches them, the normalised mutual information
+    (:func:`normalized_mutual_information`) and the correlation with the template
+    are computed. ``doubtful`` is True when the NMI is below the contrast's
+    :data:`QUALITY_THRESHOLDS` entry or the brain is less than
+    :data:`MIN_BRAIN_COVERAGE` covered. The result does not depend on thread counts.
     """
-    import ants
+    from cahal_bids.preprocessing.transforms import moving_voxel_coordinates, read_itk_affine
 
-    fixed = read_ants(template.head)
-    mask = read_ants(template.brain_mask).numpy() > 0
-    image = read_ants(moving)
-    warped = ants.apply_transforms(fixed, image, [str(transform)], interpolator='linear')
-    ones = image.new_image_like(np.ones(image.shape, dtype=np.float32))
-    reach = ants.apply_transforms(fixed, ones, [str(transform)], interpolator='linear')
-    inside = mask & (reach.numpy() > 0.999)
-    coverage = float(inside.sum()) / max(int(mask.sum()), 1)
+    head, template_affine = _volume(template.head)
+    mask_data, _ = _volume(template.brain_mask)
+    mask = mask_data > 0
+    image, image_affine = _volume(moving)
+    brain_voxels = np.argwhere(mask).astype(np.float64)
+    points = brain_voxels @ template_affine[:3, :3].T + template_affine[:3, 3]
+    coordinates = moving_voxel_coordinates(points, read_itk_affine(transform), image_affine)
+    sampled, reached = _sample(image, coordinates)
+    coverage = float(reached.sum()) / max(int(mask.sum()), 1)
     threshold = QUALITY_THRESHOLDS.get(modality, min(QUALITY_THRESHOLDS.values()))
-    if inside.sum() < 1000:
+    if reached.sum() < 1000:
         return {
             'metric': 'nmi_brain',
             'nmi_brain': float('nan'),
@@ -131,8 +161,8 @@ def registration_quality(
             'threshold': threshold,
             'doubtful': True,
         }
-    template_values = fixed.numpy()[inside]
-    image_values = warped.numpy()[inside]
+    template_values = head[mask][reached]
+    image_values = sampled[reached]
     nmi = normalized_mutual_information(template_values, image_values)
     correlation = float(np.corrcoef(template_values, image_values)[0, 1])
     return {
@@ -153,25 +183,24 @@ def brain_mask_in_image(
     """A template's brain mask on the grid of ``moving`` (uint8 0/1) and that grid's affine.
 
     ``transform`` takes the image to the template (forward, ITK convention); its
-    inverse carries the mask back (linear interpolation, kept at >= 1/2).
+    inverse carries the mask back (linear interpolation, kept at >= 1/2), one slab
+    of the image's grid at a time to bound memory.
     """
-    import tempfile
+    from cahal_bids.preprocessing.transforms import moving_voxel_coordinates, read_itk_affine
 
-    import ants
-
-    from cahal_bids.preprocessing.transforms import read_itk_affine, write_itk_affine
-
-    image = read_ants(moving)
-    with tempfile.TemporaryDirectory(prefix='cahal-mask-') as scratch:
-        inverse = write_itk_affine(
-            np.linalg.inv(read_itk_affine(transform)), f'{scratch}/inverse.txt'
-        )
-        carried = ants.apply_transforms(
-            fixed=image,
-            moving=read_ants(template_mask),
-            transformlist=[str(inverse)],
-            interpolator='linear',
-        )
-    converted = ants.to_nibabel_nifti(carried)
-    mask = (np.asarray(converted.dataobj) >= 0.5).astype(np.uint8)
-    return mask, np.asarray(converted.affine)
+    image, image_affine = _volume(moving)
+    mask_data, mask_affine = _volume(template_mask)
+    inverse = np.linalg.inv(read_itk_affine(transform))
+    result = np.zeros(image.shape, dtype=np.uint8)
+    i, j = np.meshgrid(
+        np.arange(image.shape[0], dtype=np.float64),
+        np.arange(image.shape[1], dtype=np.float64),
+        indexing='ij',
+    )
+    for k in range(image.shape[2]):
+        voxels = np.stack([i.ravel(), j.ravel(), np.full(i.size, float(k))], axis=1)
+        points = voxels @ image_affine[:3, :3].T + image_affine[:3, 3]
+        coordinates = moving_voxel_coordinates(points, inverse, mask_affine)
+        values, inside = _sample(mask_data, coordinates)
+        result[:, :, k] = ((values >= 0.5) & inside).reshape(i.shape)
+    return result, image_affine

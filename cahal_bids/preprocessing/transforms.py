@@ -34,6 +34,7 @@ __all__ = [
     'compose',
     'mask_points',
     'mean_displacement',
+    'moving_voxel_coordinates',
     'read_itk_affine',
     'write_itk_affine',
 ]
@@ -136,6 +137,26 @@ def mask_points(mask_file: str | os.PathLike[str], *, step: int = 1) -> np.ndarr
     index = np.argwhere(data[::step, ::step, ::step] > 0).astype(np.float64) * step
     ras = index @ image.affine[:3, :3].T + image.affine[:3, 3]
     return ras * np.array([-1.0, -1.0, 1.0])
+
+
+def moving_voxel_coordinates(
+    fixed_points: np.ndarray, transform: np.ndarray, moving_affine: np.ndarray
+) -> np.ndarray:
+    """Voxel coordinates (N x 3) in the moving image of fixed-space points (RAS mm, N x 3).
+
+    ``transform`` is a 4 x 4 LPS matrix in ITK's convention (fixed point to moving
+    point, :func:`read_itk_affine`); ``moving_affine`` the moving image's NIfTI
+    affine. Plain matrix products: the result does not depend on thread counts,
+    unlike ITK's resampler, whose last digits change with them.
+
+    >>> shift = np.eye(4); shift[:3, 3] = [0.0, 0.0, 2.0]  # LPS z = RAS z
+    >>> moving_voxel_coordinates(np.zeros((1, 3)), shift, np.diag([2.0, 2.0, 2.0, 1.0]))
+    array([[0., 0., 1.]])
+    """
+    points = np.asarray(fixed_points, dtype=np.float64).reshape(-1, 3)
+    to_voxels = np.linalg.inv(np.asarray(moving_affine, dtype=np.float64)) @ LPS
+    whole = to_voxels @ np.asarray(transform, dtype=np.float64) @ LPS
+    return points @ whole[:3, :3].T + whole[:3, 3]
 
 
 def mean_displacement(first: np.ndarray, second: np.ndarray, points: np.ndarray) -> float:
