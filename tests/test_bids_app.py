@@ -426,7 +426,12 @@ def test_sidecars_carry_provenance_and_routing(full_run):
     registration = json.loads(
         (anat / 'sub-01_from-T1w_to-Phantom_mode-image_xfm.json').read_text()
     )['Registration']
-    assert registration['stages'] == ['Initialization', 'QuickRigid', 'AffineFast']
+    assert registration['stages'] == [
+        'Initialization',
+        'QuickRigid',
+        'AffineFast',
+        'Affine in the mask',
+    ]
     assert registration['brain_extracted'] is False
     assert registration['quality']['doubtful'] is False
     assert registration['quality']['nmi_brain'] > registration['quality']['threshold']

@@ -221,7 +221,7 @@ def test_tilted_shifted_thick_slices_register_to_the_phantom_template(
     assert details['fixed'] == (
         'brain-extracted template, brain mask'
         if stripped
-        else 'template head, brain mask in the affine stage'
+        else 'template head, brain mask in the finest affine levels'
     )
     assert details['initialization']['starts'] == 15
     # ANTs' fast presets stop at a quarter of the resolution: a few millimetres; a start in

@@ -1,13 +1,15 @@
 """How far to trust a registration to a template: similarity inside the template's brain.
 
 The measure is the normalised mutual information (Studholme's
-``(H(A) + H(B)) / H(A, B)``: 1 for independent images, 2 for identical ones) between
-the template and the registered image, inside the template's brain mask and where the
-image's field of view reaches (:func:`registration_quality`). Correlation with the
-whole template (the app's former figure) mixes in the scalp, neck and background,
-which a skull-stripped or thick-slice image does not have; mutual information inside
-the brain compares what every input has, in any contrast. A registration is flagged
-doubtful below :data:`QUALITY_THRESHOLDS` for its contrast, or when less than
+``(H(A) + H(B)) / H(A, B)``: 1 for independent images, 2 for identical ones, here with
+:data:`QUALITY_BINS` bins) between the template and the registered image, inside the
+template's brain mask grown by :data:`QUALITY_MARGIN_MM` (the brain and its edge: the
+registration's own metric mask) and where the image's field of view reaches
+(:func:`registration_quality`). Correlation with the whole template (the app's former
+figure) mixes in the scalp, neck and background, which a skull-stripped or thick-slice
+image does not have; mutual information in the brain compares what every input has, in
+any contrast, and the brain's edge is where a misregistration shows most. A registration
+is flagged doubtful below :data:`QUALITY_THRESHOLDS` for its contrast, or when less than
 :data:`MIN_BRAIN_COVERAGE` of the template's brain is in the field of view.
 """
 
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     'MIN_BRAIN_COVERAGE',
+    'QUALITY_BINS',
+    'QUALITY_MARGIN_MM',
     'QUALITY_THRESHOLDS',
     'brain_mask_in_image',
     'normalized_mutual_information',
@@ -36,6 +40,12 @@ QUALITY_THRESHOLDS: dict[str, float] = {'T1w': 1.0, 'T2w': 1.0, 'FLAIR': 1.0}
 """Normalised mutual information with the template in its brain mask below which a
 registration is doubtful, per contrast (calibrated on the validation split; see
 docs/evaluation.md)."""
+
+QUALITY_MARGIN_MM = 5.0
+"""Growth (mm) of the template's brain mask for the quality measure (its edge included)."""
+
+QUALITY_BINS = 16
+"""Histogram bins of each image for the quality measure's NMI."""
 
 MIN_BRAIN_COVERAGE = 0.5
 """Fraction of the template's brain that the registered field of view must cover."""
@@ -102,22 +112,27 @@ def registration_quality(
     """How well ``moving`` sits on ``template`` through ``transform`` (image -> template).
 
     The image is resampled (linear) onto the template grid; inside the template's
-    brain mask, where the image's field of view reaches, the normalised mutual
-    information (:func:`normalized_mutual_information`) and the correlation with the
-    template are computed. ``doubtful`` is True when the NMI is below the
-    contrast's :data:`QUALITY_THRESHOLDS` entry or the brain is less than
-    :data:`MIN_BRAIN_COVERAGE` covered.
+    brain mask grown by :data:`QUALITY_MARGIN_MM`, where the image's field of view
+    reaches, the normalised mutual information (:func:`normalized_mutual_information`,
+    :data:`QUALITY_BINS` bins) and the correlation with the template are computed;
+    ``brain_coverage`` is the fraction of the (ungrown) brain mask in the field of view.
+    ``doubtful`` is True when the NMI is below the contrast's :data:`QUALITY_THRESHOLDS`
+    entry or the brain is less than :data:`MIN_BRAIN_COVERAGE` covered.
     """
     import ants
 
+    from cahal_bids.preprocessing.masks import dilate
+
     fixed = read_ants(template.head)
-    mask = read_ants(template.brain_mask).numpy() > 0
+    brain = read_ants(template.brain_mask).numpy() > 0
+    mask = dilate(brain, QUALITY_MARGIN_MM, tuple(float(v) for v in fixed.spacing))
     image = read_ants(moving)
     warped = ants.apply_transforms(fixed, image, [str(transform)], interpolator='linear')
     ones = image.new_image_like(np.ones(image.shape, dtype=np.float32))
     reach = ants.apply_transforms(fixed, ones, [str(transform)], interpolator='linear')
-    inside = mask & (reach.numpy() > 0.999)
-    coverage = float(inside.sum()) / max(int(mask.sum()), 1)
+    in_view = reach.numpy() > 0.999
+    inside = mask & in_view
+    coverage = float((brain & in_view).sum()) / max(int(brain.sum()), 1)
     threshold = QUALITY_THRESHOLDS.get(modality, min(QUALITY_THRESHOLDS.values()))
     if inside.sum() < 1000:
         return {
@@ -130,7 +145,7 @@ def registration_quality(
         }
     template_values = fixed.numpy()[inside]
     image_values = warped.numpy()[inside]
-    nmi = normalized_mutual_information(template_values, image_values)
+    nmi = normalized_mutual_information(template_values, image_values, bins=QUALITY_BINS)
     correlation = float(np.corrcoef(template_values, image_values)[0, 1])
     return {
         'metric': 'nmi_brain',
