@@ -244,7 +244,7 @@ def initial_alignment(
         )
     centre_fixed = _foreground_centre(coarse_fixed)
     centre_moving = _foreground_centre(coarse_moving)
-    trials = []
+    trials: list[tuple[float, float, float, str]] = []
     with tempfile.TemporaryDirectory(prefix='cahal-init-') as scratch, ants_seed(seed):
         for shift in START_SHIFTS_MM:
             for pitch in START_PITCHES_DEGREES:
