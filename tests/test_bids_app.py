@@ -430,7 +430,12 @@ def test_sidecars_carry_provenance_and_routing(full_run):
     registration = json.loads(
         (anat / 'sub-01_from-T1w_to-Phantom_mode-image_xfm.json').read_text()
     )['Registration']
-    assert registration['stages'] == ['Initialization', 'QuickRigid', 'AffineFast']
+    assert registration['stages'] == [
+        'Initialization',
+        'QuickRigid',
+        'AffineFast',
+        'Affine in the mask',
+    ]
     assert registration['brain_extracted'] is False
     assert registration['quality']['doubtful'] is False
     assert registration['quality']['nmi_brain'] > registration['quality']['threshold']
@@ -766,3 +771,38 @@ def test_labels_cannot_escape_the_output_folder(assets, tmp_path, capsys, label)
     assert 'not found' in capsys.readouterr().err
     assert not out.exists()
     assert not list(tmp_path.parent.glob('etc*'))
+
+
+def test_doubtful_registrations_are_flagged_in_reports_and_group_table(tmp_path):
+    from cahal_bids.app.group import collect_group_rows, write_group_summary
+    from cahal_bids.app.reports import write_group_report
+
+    anat = tmp_path / 'sub-01' / 'anat'
+    anat.mkdir(parents=True)
+    cahal = {'voxel_sizes': [1.0, 1.0, 5.0], 'V': 5.0, 'A': 0.2, 'cell': 'V5A1'}
+    for contrast, quality, extra in (
+        ('FLAIR', {'nmi_brain': 1.0213, 'threshold': 1.043, 'brain_coverage': 0.97,
+                   'doubtful': True}, {'brain_extracted': True}),
+        ('T2w', {'nmi_brain': 1.0612, 'threshold': 1.043, 'brain_coverage': 1.0,
+                 'doubtful': False}, {'composed_through': 'T1w'}),
+    ):  # fmt: skip
+        (anat / f'sub-01_desc-cahal_{contrast}.json').write_text(json.dumps({'CAHAL': cahal}))
+        (anat / f'sub-01_from-{contrast}_to-MNI152NLin2009cAsym_mode-image_xfm.json').write_text(
+            json.dumps({'Registration': {'stages': ['Rigid'], 'quality': quality, **extra}})
+        )
+    page = write_subject_report(tmp_path, '01').read_text()
+    assert page.count('DOUBTFUL: check the figure') == 1
+    assert 'Doubtful registration' in page
+    assert 'similarity in the template brain (NMI)' in page and '1.0213 (threshold 1.0430' in page
+    assert 'direct, brain-extracted' in page and 'through T1w' in page
+    assert 'correlation with reference' not in page
+    rows = {row['modality']: row for row in collect_group_rows(tmp_path)}
+    assert rows['FLAIR']['registration_doubtful'] is True
+    assert rows['FLAIR']['registration_nmi_brain'] == '1.0213'
+    assert rows['T2w']['registration_doubtful'] is False
+    assert rows['T2w']['registration_path'] == 'through T1w'
+    table = write_group_summary(tmp_path, list(rows.values())).read_text()
+    assert 'registration_doubtful' in table.splitlines()[0]
+    group = write_group_report(tmp_path, list(rows.values())).read_text()
+    assert group.count('<tr class="doubtful">') == 1
+    assert '1 doubtful registration(s)' in group

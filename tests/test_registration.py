@@ -221,7 +221,7 @@ def test_tilted_shifted_thick_slices_register_to_the_phantom_template(
     assert details['fixed'] == (
         'brain-extracted template, brain mask'
         if stripped
-        else 'template head, brain mask in the affine stage'
+        else 'template head, brain mask in the finest affine levels'
     )
     assert details['initialization']['starts'] == 15
     # ANTs' fast presets stop at a quarter of the resolution: a few millimetres; a start in
@@ -378,3 +378,41 @@ def test_mni_template_brain_mask_is_reproducible(shared_data, tmp_path):
     assert 1.6 < first.record['recipe']['brain_litres'] < 2.0
     mask = nib.load(str(first.brain_mask))
     assert mask.shape == nib.load(str(head)).shape
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_real_skull_stripped_t1w_registers_from_a_tilted_shifted_header(shared_data, tmp_path):
+    """sub-stroke01's skull-stripped T1w to the real MNI152NLin2009cAsym: recognised as
+    skull-stripped, not doubtful, and the same registration (within 1 mm over the brain)
+    when its header says the head is tilted by 15 degrees and 30 mm lower."""
+    source = shared_data / 'hr/sub-stroke01/anat/sub-stroke01_T1w.nii.gz'
+    head = (
+        shared_data
+        / 'templateflow/tpl-MNI152NLin2009cAsym/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz'
+    )
+    template = brain_extracted_template(head, tmp_path / 'templates', name='MNI152NLin2009cAsym')
+    image = nib.load(source)
+    world = _rigid(15, 0, (0.0, 5.0, -30.0))
+    moved = tmp_path / 'moved.nii.gz'
+    nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32), world @ image.affine).to_filename(
+        moved
+    )
+    results = {}
+    for name, path in (('original', source), ('moved', moved)):
+        results[name] = register_to_template(
+            path,
+            template,
+            forward_path=tmp_path / f'{name}_fwd.txt',
+            inverse_path=tmp_path / f'{name}_inv.txt',
+            modality='T1w',
+        )
+        details = results[name].as_dict()
+        assert details['brain_extracted'] is True
+        assert details['quality']['doubtful'] is False, details['quality']
+    # a template point is where the original holds it, and the moved copy holds that
+    # anatomy at world @ point (LPS)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    expected = lps @ world @ lps @ read_itk_affine(results['original'].forward)
+    points = mask_points(template.brain_mask, step=3)
+    assert mean_displacement(read_itk_affine(results['moved'].forward), expected, points) < 1.0

@@ -204,6 +204,7 @@ img { max-width: 100%; } .error { color: #a00; white-space: pre-wrap; }
 .warning { color: #8a4b00; background: #fff3d6; font-weight: 600; }
 p.warning { border-left: 4px solid #e0a000; padding: 0.4em 0.6em; }
 tr.doubtful td { background: #fde2e2; }
+table.wide td { white-space: nowrap; overflow-wrap: normal; }
 """
 
 _VIEWPORT = '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -388,7 +389,8 @@ def write_group_report(
     """``group.html``: the table of ``group_summary.tsv`` with links to subject reports."""
     root = Path(output_dir)
     columns = list(rows[0]) if rows else []
-    head = ''.join(f'<th>{html.escape(c)}</th>' for c in columns)
+    # the TSV's column names, with spaces so that the long ones wrap in a narrow window
+    head = ''.join(f'<th>{html.escape(c.replace("_", " "))}</th>' for c in columns)
     warned = sum(str(row.get('consistency_warning')) == 'True' for row in rows)
     flagged = (
         f', <span class="warning">{warned} flagged by the consistency guard</span>'
@@ -426,6 +428,8 @@ def write_group_report(
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{_VIEWPORT}'
         f'<title>cahal-bids: group</title><style>{_STYLE}</style></head><body>'
         f'<h1>cahal-bids group summary</h1><p>{len(rows)} image(s){flagged}.</p>{warning}'
-        f'<table><tr>{head}</tr>{"".join(body)}</table></body></html>\n'
+        f'<div style="overflow-x: auto"><table class="wide"><tr>{head}</tr>{"".join(body)}'
+        '</table></div>'
+        '</body></html>\n'
     )
     return write_text_atomic(root / 'group.html', page)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -207,7 +208,7 @@ class TemplateBrain:
 
 
 def template_own_brain_mask(
-    head_file: str | Path, *, mni_space: bool = True, seed: int = 0
+    head_file: str | os.PathLike[str], *, mni_space: bool = True, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The brain mask of a 1 mm T1w template (no mask of its own needed); data, affine, record.
 
@@ -301,8 +302,8 @@ def _cached(folder: Path, head_sha256: str) -> dict[str, Any] | None:
 
 
 def brain_extracted_template(
-    head_file: str | Path,
-    cache_dir: str | Path,
+    head_file: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str],
     *,
     name: str,
     mni_space: bool = True,

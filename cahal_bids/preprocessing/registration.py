@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from cahal_bids.preprocessing.brain_template import TemplateBrain
 
 __all__ = [
+    'AFFINE_COARSE_SCHEDULE',
+    'AFFINE_FINE_SCHEDULE',
     'BRAIN_MASK_MARGIN_MM',
     'START_PITCHES_DEGREES',
     'START_SHIFTS_MM',
@@ -86,6 +88,26 @@ RIGID_SCHEDULE = {
 }
 """The rigid stage after :func:`initial_alignment` (which did the coarse levels already);
 the affine stage that follows keeps ANTs' default schedule down to full resolution."""
+
+AFFINE_COARSE_SCHEDULE = {
+    'aff_iterations': (2100, 1200),
+    'aff_shrink_factors': (6, 4),
+    'aff_smoothing_sigmas': (3, 2),
+}
+"""With an ``affine_mask``: the affine stage's coarse levels (ANTs' defaults), whole image."""
+
+AFFINE_FINE_SCHEDULE = {
+    'aff_iterations': (1200, 10),
+    'aff_shrink_factors': (2, 1),
+    'aff_smoothing_sigmas': (1, 0),
+}
+"""With an ``affine_mask``: the affine stage's fine levels (ANTs' defaults), in the mask."""
+
+AFFINE_FINE_SCHEDULE_SLOPPY = {
+    'aff_iterations': (20,),
+    'aff_shrink_factors': (2,),
+    'aff_smoothing_sigmas': (1,),
+}
 
 
 class RegistrationError(CahalError):
@@ -224,7 +246,7 @@ def initial_alignment(
         )
     centre_fixed = _foreground_centre(coarse_fixed)
     centre_moving = _foreground_centre(coarse_moving)
-    trials = []
+    trials: list[tuple[float, float, float, str]] = []
     with tempfile.TemporaryDirectory(prefix='cahal-init-') as scratch, ants_seed(seed):
         for shift in START_SHIFTS_MM:
             for pitch in START_PITCHES_DEGREES:
@@ -280,8 +302,9 @@ def register_linear(
     Both stages use Mattes mutual information, so the images may differ in
     contrast (FLAIR to a T1w template). ``sloppy`` uses ANTs' fast presets (for
     tests and previews). ``fixed_mask`` restricts the metric to a region of the
-    fixed image in every stage, ``affine_mask`` in the affine stage only (after an
-    unmasked start and rigid stage); ``initialize`` starts from
+    fixed image in every stage; ``affine_mask`` only in the two finest levels of the
+    affine stage (:data:`AFFINE_FINE_SCHEDULE`), after a start, a rigid stage and the
+    coarse affine levels on the whole image; ``initialize`` starts from
     :func:`initial_alignment` instead of ANTs' match of the intensity centres of mass.
     The transforms are written as ITK text files.
     """
@@ -322,13 +345,28 @@ def register_linear(
         if affine:
             stage = 'AffineFast' if sloppy else 'Affine'
             stages.append(stage)
+            # (AffineFast runs the coarse levels only already)
+            coarse = {} if affine_mask is None or sloppy else AFFINE_COARSE_SCHEDULE
             final = ants.registration(
                 fixed_image,
                 moving_image,
                 type_of_transform=stage,
                 initial_transform=rigid['fwdtransforms'][0],
-                mask=affine_mask_image,
+                mask=mask_image,
                 outprefix=str(Path(scratch) / 'affine_'),
+                **coarse,
+            )
+        if affine and affine_mask is not None:
+            # the finest levels within the mask, from the whole-image affine
+            stages.append('Affine in the mask')
+            final = ants.registration(
+                fixed_image,
+                moving_image,
+                type_of_transform='Affine',
+                initial_transform=final['fwdtransforms'][0],
+                mask=affine_mask_image,
+                outprefix=str(Path(scratch) / 'masked_'),
+                **(AFFINE_FINE_SCHEDULE_SLOPPY if sloppy else AFFINE_FINE_SCHEDULE),
             )
         matrix_file = final['fwdtransforms'][0]
         if not str(matrix_file).endswith('.mat'):
@@ -380,11 +418,12 @@ def register_to_template(
     ``detect_from`` (the acquired image) or else on ``moving``; skull-stripped
     images go to the brain-extracted template with its brain mask (grown by
     :data:`BRAIN_MASK_MARGIN_MM`) in every stage; full-head images to the full-head
-    template, started and rigidly aligned on the whole head (the head's outline is
-    the robust cue) and then affinely within the same grown brain mask (the brain, not
-    the scalp, sets the scaling; the two versions of one image then agree within a
-    millimetre). Starts from :func:`initial_alignment`; the result's ``details`` hold
-    the decision, the initialisation and
+    template, started, rigidly aligned and affinely aligned at coarse levels on the whole
+    head (the head's outline is the robust cue, for any contrast) and refined at the two
+    finest levels within the same grown brain mask (the brain, not the scalp, sets the
+    final fit, so the skull-stripped and full-head versions of an image agree). Starts
+    from :func:`initial_alignment`; the result's ``details`` hold the decision, the
+    initialisation and
     :func:`~cahal_bids.preprocessing.registration_quality.registration_quality`.
     """
     import ants
@@ -416,7 +455,7 @@ def register_to_template(
         'fixed': (
             'brain-extracted template, brain mask'
             if brain_extracted
-            else 'template head, brain mask in the affine stage'
+            else 'template head, brain mask in the finest affine levels'
         ),
         'quality': quality,
     }
