@@ -383,3 +383,51 @@ def test_eval_registration_cells_must_be_evaluated(tmp_path, make_nifti, make_zo
     )
     assert code == 2
     assert 'not evaluated' in capsys.readouterr().err
+
+
+def test_eval_routes_runs_every_route_on_every_contrast(tmp_path, make_nifti, make_zoo, capsys):
+    """``--routes``: each image prepared once, every route on every image, own and
+    cross-contrast rows, cells below trilinear counted and shown."""
+    brain = _brain()
+    t1w = make_nifti(data=brain, zooms=(1.0, 1.0, 1.0), name='sub-01_T1w.nii.gz')
+    t2w = make_nifti(data=(brain.max() - brain) * (brain > 0), zooms=(1.0, 1.0, 1.0),
+                     name='sub-02_T2w.nii.gz')  # fmt: skip
+    identity = make_zoo('identity', head_scale=0.0)
+    noisy = make_zoo('noisy', head_scale=3.0)
+    out = tmp_path / 'split'
+    code = evaluate.main(
+        [str(t1w), str(t2w), '--routes', f'T1w={identity}', f'T2w={noisy}', '--out', str(out),
+         '--no-denoise', '--cells', 'V3A2', 'V6A1', '--realizations', '1', '--quiet',
+         '--no-flat-check', '--threads', '1']
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert len(list((out / 'prepared').iterdir())) == 2, 'each image is prepared once'
+    record = json.loads((out / 'split.json').read_text())
+    rows = {(row['route'], row['contrast']): row for row in record['summary']}
+    assert set(rows) == {('T1w', 'T1w'), ('T1w', 'T2w'), ('T2w', 'T1w'), ('T2w', 'T2w')}
+    assert rows[('T1w', 'T2w')]['kind'] == 'cross-contrast'
+    assert rows[('T2w', 'T2w')]['kind'] == 'own'
+    for contrast in ('T1w', 'T2w'):
+        same = rows[('T1w', contrast)]  # the identity expert is trilinear interpolation
+        assert abs(same['gain_over_trilinear_db']) < 1e-3 and same['cells_below_trilinear'] == 0
+        worse = rows[('T2w', contrast)]  # a large random correction hurts everywhere
+        assert worse['gain_over_trilinear_db'] < 0 and worse['cells_below_trilinear'] == 2
+    for route in ('T1w', 'T2w'):
+        assert (out / f'route-{route}' / 'cases.json').is_file()
+    tables = (out / 'split.md').read_text()
+    assert '| T2w | sub-02_T2w | T2w | own | 2 |' in tables
+    assert tables.count('**') >= 8, 'the cells below trilinear are bold'
+
+
+def test_eval_routes_needs_the_contrast_of_a_nifti_and_no_zoo(
+    tmp_path, make_nifti, make_zoo, capsys
+):
+    source = make_nifti(data=_brain(), zooms=(1.0, 1.0, 1.0), name='brain.nii.gz')
+    code = evaluate.main([str(source), '--routes', 'T1w', '--out', str(tmp_path / 'a')])
+    assert code == 2 and "found 'brain'" in capsys.readouterr().err
+    code = evaluate.main(
+        [str(source), '--routes', 'T1w', '--zoo', str(make_zoo()), '--out', str(tmp_path / 'b')]
+    )
+    assert code == 2 and 'exclude each other' in capsys.readouterr().err
+    code = evaluate.main([str(source), '--routes', 'PDw', '--out', str(tmp_path / 'c')])
+    assert code == 2 and "unknown route 'PDw'" in capsys.readouterr().err

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from cahal_bids.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, make_parser, report_error
+from cahal_bids.cli.evaluation_inputs import prepared_entries
 from cahal_bids.core.modalities import MODALITIES
 
 PROG = 'cahal-eval'
@@ -51,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--out', type=Path, required=True, help='folder for the results')
     parser.add_argument('--zoo', type=Path, help='zoo to evaluate (default: the shipped one)')
     parser.add_argument('--modality', choices=MODALITIES, default='T1w')
+    parser.add_argument(
+        '--routes',
+        nargs='+',
+        default=None,
+        metavar='ROUTE[=ZOO]',
+        help='evaluate each route (its shipped zoo, or ZOO) on every input image of any '
+        'contrast (own contrast and cross-contrast), prepared once; per-route results in '
+        'OUT/route-ROUTE, the per-image and per-cell tables in OUT/split.md (no tissue '
+        'measures unless --segmenter)',
+    )
     parser.add_argument('--realizations', type=int, default=3)
     parser.add_argument('--cells', nargs='+', default=None, help='cells (default: all 18)')
     parser.add_argument('--seed', type=int, default=0)
@@ -167,58 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--threads', type=int, default=None)
     parser.add_argument('--quiet', '-q', action='store_true')
     return parser
-
-
-def _is_bids_dataset(path: Path) -> bool:
-    return (
-        path.is_dir()
-        and (path / 'dataset_description.json').is_file()
-        and not (path / 'prepared.json').is_file()
-    )
-
-
-def _input_files(args: argparse.Namespace) -> list[Path]:
-    """Images and prepared folders; BIDS datasets expanded to their matching images."""
-    from cahal_bids.app.bids import collect_images, load_bids_filters, read_layout
-
-    found: list[Path] = []
-    filters = load_bids_filters(args.bids_filter_file) if args.bids_filter_file else None
-    for path in args.inputs:
-        if _is_bids_dataset(path):
-            layout = read_layout(path, validate=False)
-            images = collect_images(
-                layout,
-                participant_labels=args.participant_label,
-                modalities=(args.modality,),
-                filters=filters,
-            )
-            for subject_images in images.values():
-                found += [image.path for image in subject_images]
-        else:
-            found.append(path)
-    return found
-
-
-def _prepared_entries(args: argparse.Namespace) -> list[Any]:
-    from cahal_bids.core.errors import CahalError
-    from cahal_bids.training.preparation import PreparedVolume, prepare_image
-
-    entries = []
-    for path in _input_files(args):
-        if path.is_dir():
-            entries.append(PreparedVolume.load(path))
-            continue
-        if not path.exists():
-            raise CahalError(f'{path}: input not found')
-        entries.append(
-            prepare_image(
-                path,
-                args.out / 'prepared',
-                modality=args.modality,
-                denoise=not args.no_denoise,
-            )
-        )
-    return entries
 
 
 def _fingerprint(args: argparse.Namespace, zoo: Any, methods: dict[str, str], cell: str) -> str:
@@ -364,6 +323,15 @@ def _summary_from_dicts(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.routes:
+        from cahal_bids.cli.evaluate_split import evaluate_routes
+
+        return evaluate_routes(args, evaluate=_evaluate)
+    return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """The protocol for one zoo (``args.zoo``, or the shipped one of ``args.modality``)."""
     import torch
 
     from cahal_bids.cli.enhance import default_threads
@@ -419,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             head = resolve_template(args.template_name, template_file=args.template_file)
             template_brain_files = template_brain(args.template_name, head, args.out)
-        entries = _prepared_entries(args)
+        entries = prepared_entries(args)
     except CahalError as error:
         report_error(PROG, str(error))
         return EXIT_USAGE
@@ -513,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
     flat: dict[str, Any] = {}
     if not args.no_flat_check and entries:
-        from cahal_bids.evaluation.flat_regions import flat_region_changes
+        from cahal_bids.evaluation.flat_regions import flat_region_changes, flat_region_table
 
         shape = entries[0].image().shape
         low_shape = (shape[0], shape[1], max(shape[2] // 4, 4))
@@ -521,20 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             'low_resolution_shape': list(low_shape),
             'changes': flat_region_changes(enhancer, low_shape),
         }
-        lines = [
-            '| image | mean change | 95th percentile | max |',
-            '| --- | ---: | ---: | ---: |',
-        ]
-        for name, change in flat['changes'].items():
-            lines.append(
-                f'| {name} | {change["mean_percent"]:.2f} % | {change["p95_percent"]:.2f} % | '
-                f'{change["max_percent"]:.2f} % |'
-            )
-        tables += (
-            f'\nFlat regions (no detail to restore), {low_shape[0]} x {low_shape[1]} x '
-            f'{low_shape[2]} voxels at 1 x 1 x 4 mm, change made by CAHAL relative to the '
-            'exact input:\n\n' + '\n'.join(lines) + '\n'
-        )
+        tables += flat_region_table(flat['changes'], low_shape)
     if registration_rows:
         from cahal_bids.evaluation.registration import write_registration_results
 

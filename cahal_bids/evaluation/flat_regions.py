@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ['FLAT_RESOLUTION', 'flat_images', 'flat_region_changes']
+__all__ = ['FLAT_RESOLUTION', 'flat_images', 'flat_region_changes', 'flat_region_table']
 
 FLAT_RESOLUTION = (1.0, 1.0, 4.0)
 BORDER = 8
@@ -65,3 +65,21 @@ def flat_region_changes(
             'max_percent': float(100 * change.max()),
         }
     return results
+
+
+def flat_region_table(changes: dict[str, dict[str, float]], low_shape: Sequence[int]) -> str:
+    """The Markdown paragraph and table of :func:`flat_region_changes`'s result."""
+    lines = [
+        '| image | mean change | 95th percentile | max |',
+        '| --- | ---: | ---: | ---: |',
+    ]
+    for name, change in changes.items():
+        lines.append(
+            f'| {name} | {change["mean_percent"]:.2f} % | {change["p95_percent"]:.2f} % | '
+            f'{change["max_percent"]:.2f} % |'
+        )
+    return (
+        f'\nFlat regions (no detail to restore), {low_shape[0]} x {low_shape[1]} x '
+        f'{low_shape[2]} voxels at 1 x 1 x 4 mm, change made by CAHAL relative to the '
+        'exact input:\n\n' + '\n'.join(lines) + '\n'
+    )
