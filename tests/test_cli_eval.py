@@ -396,7 +396,8 @@ def test_eval_routes_runs_every_route_on_every_contrast(tmp_path, make_nifti, ma
     noisy = make_zoo('noisy', head_scale=3.0)
     out = tmp_path / 'split'
     code = evaluate.main(
-        [str(t1w), str(t2w), '--routes', f'T1w={identity}', f'T2w={noisy}', '--out', str(out),
+        [str(t1w), str(t2w), '--routes', f'T1w={identity}', f'T2w={noisy}',
+         f'FLAIR={identity}', '--out', str(out),
          '--no-denoise', '--cells', 'V3A2', 'V6A1', '--realizations', '1', '--quiet',
          '--no-flat-check', '--threads', '1']
     )  # fmt: skip
@@ -404,7 +405,15 @@ def test_eval_routes_runs_every_route_on_every_contrast(tmp_path, make_nifti, ma
     assert len(list((out / 'prepared').iterdir())) == 2, 'each image is prepared once'
     record = json.loads((out / 'split.json').read_text())
     rows = {(row['route'], row['contrast']): row for row in record['summary']}
-    assert set(rows) == {('T1w', 'T1w'), ('T1w', 'T2w'), ('T2w', 'T1w'), ('T2w', 'T2w')}
+    assert {route for route, _ in rows} == {'T1w', 'T2w', 'FLAIR'}
+    assert {contrast for _, contrast in rows} == {'T1w', 'T2w'}
+    # FLAIR is served by the same zoo as T1w here: its results are reused, not recomputed
+    assert not (out / 'route-FLAIR').exists()
+    for contrast in ('T1w', 'T2w'):
+        same = {k: v for k, v in rows[('FLAIR', contrast)].items() if k not in ('route', 'kind')}
+        assert same == {
+            k: v for k, v in rows[('T1w', contrast)].items() if k not in ('route', 'kind')
+        }
     assert rows[('T1w', 'T2w')]['kind'] == 'cross-contrast'
     assert rows[('T2w', 'T2w')]['kind'] == 'own'
     for contrast in ('T1w', 'T2w'):

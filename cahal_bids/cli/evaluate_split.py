@@ -52,6 +52,7 @@ def evaluate_routes(
     from cahal_bids.cli.evaluation_inputs import split_inputs
     from cahal_bids.core.atomic import write_json_atomic, write_text_atomic
     from cahal_bids.core.errors import CahalError
+    from cahal_bids.engine.zoo import default_zoo_path
     from cahal_bids.evaluation.split import cell_gains, split_summary, split_tables
     from cahal_bids.training.preparation import prepare_image
     from cahal_bids.training.prepared import PreparedVolume
@@ -61,6 +62,10 @@ def evaluate_routes(
         return EXIT_USAGE
     try:
         routes = parse_routes(args.routes)
+        folders = {
+            route: (zoo if zoo is not None else default_zoo_path(route)).resolve()
+            for route, zoo in routes.items()
+        }
         prepared = []
         for path, contrast in split_inputs(args):
             if path.is_dir():
@@ -80,7 +85,15 @@ def evaluate_routes(
     contrasts = {entry.directory.name: entry.modality for entry in prepared}
     results: dict[str, list[dict[str, Any]]] = {}
     zoos: dict[str, Any] = {}
+    evaluated: dict[Path, str] = {}  # a zoo folder -> the first route that ran it
     for route, zoo in routes.items():
+        folder = folders[route]
+        if folder in evaluated:  # the same experts on the same images: the same results
+            results[route], zoos[route] = results[evaluated[folder]], zoos[evaluated[folder]]
+            print(f'{PROG}: route {route} is served by the zoo of {evaluated[folder]}: '
+                  'its results are reused', file=sys.stderr)  # fmt: skip
+            continue
+        evaluated[folder] = route
         routed = argparse.Namespace(**vars(args))
         routed.routes = None
         routed.inputs = [entry.directory for entry in prepared]
