@@ -11,8 +11,10 @@ STAMP := $(VENV)/.cahal-installed
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo-output
 PYTEST_ARGS ?=
-# Debian packages the Slurm and browser tests need: package=command that proves it is there
-SYSTEM_DEPS ?= slurm-wlm=slurmctld munge=munged chromium=chromium
+# Debian packages the Slurm, browser and container-image tests need: package=command that
+# proves it is there (buildah and mmdebstrap build containers/Dockerfile for real here)
+SYSTEM_DEPS ?= slurm-wlm=slurmctld munge=munged chromium=chromium buildah=buildah \
+	mmdebstrap=mmdebstrap
 
 .PHONY: help venv demo test test-fast lint clean system-deps
 
@@ -22,7 +24,7 @@ help:
 	@echo 'make test-fast  the unit tests only (no slow, shared-data, Slurm or browser tests)'
 	@echo 'make lint   ruff on the package, tests, examples and benchmarks'
 	@echo 'make docs   build the Sphinx documentation into docs/_build/html (warnings are errors)'
-	@echo 'make system-deps  install the Debian packages the Slurm and browser tests use (root)'
+	@echo 'make system-deps  install the Debian packages the Slurm, browser and image tests use (root)'
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

@@ -87,15 +87,18 @@ def read_instructions(path: Path) -> list[Instruction]:
 
 
 def substitute(text: str, variables: dict[str, str]) -> str:
-    """Expand ``$NAME``, ``${NAME}`` and ``${NAME:-default}`` as the Dockerfile would."""
+    """Expand ``$NAME``, ``${NAME}``, ``${NAME:-default}`` and ``${NAME:+word}`` as the build's
+    shell would (a RUN's ARGs are its environment variables)."""
 
     def replace(match: re.Match[str]) -> str:
         name = match.group('braced') or match.group('bare')
-        default = match.group('default')
+        operator, word = match.group('operator'), match.group('word')
         value = variables.get(name, '')
-        return value if value or default is None else default
+        if operator == '+':
+            return substitute(word, variables) if value else ''
+        return value if value or operator is None else word
 
-    pattern = r'\$(?:\{(?P<braced>\w+)(?::-(?P<default>[^}]*))?\}|(?P<bare>\w+))'
+    pattern = r'\$(?:\{(?P<braced>\w+)(?::(?P<operator>[-+])(?P<word>[^}]*))?\}|(?P<bare>\w+))'
     return re.sub(pattern, replace, text)
 
 
@@ -503,12 +506,18 @@ def test_templates_are_fetched_into_templateflow_home(dockerfile, tmp_path, monk
     home = runtime.variables['TEMPLATEFLOW_HOME']
     assert runtime.variables.get('TEMPLATEFLOW_AUTOUPDATE') == '0'
     commands = [command for _, found in run_commands(runtime) for command in found]
-    fetch = [command for command in commands if command[:2] == ['python', '-c']]
-    assert fetch and 'templateflow' in fetch[0][2]
+    # TemplateFlow's client, or (a build that mounts an offline home) a copy of its file
+    fetch = [command for command in commands if command[1:3] == ['python', '-c']]
+    assert fetch and 'templateflow' in fetch[0][3]
     checked = {command[-1] for command in commands if command[:2] == ['test', '-s']}
     folder = f'{home}/tpl-MNI152NLin2009cAsym'
-    assert f'{folder}/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz' in checked
-    assert f'{folder}/tpl-MNI152NLin2009cAsym_res-01_desc-brain_mask.nii.gz' in checked
+    assert checked == {f'{folder}/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz'}
+    assert any(
+        command[0] == 'cp'
+        and command[-1] == f'{folder}/'
+        and Path(command[1]).name == 'tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz'
+        for command in commands
+    ), 'the offline copy places the same file'
     # the file the image checks for is the one registration looks up in TEMPLATEFLOW_HOME
     for path in checked:
         local = tmp_path / path.lstrip('/')
@@ -543,7 +552,8 @@ def test_installation_page_matches_the_build_arguments(dockerfile):
     rows = re.findall(r'^\| `(\w+)`(?:, `\w+`)* \| `?([^|`]+?)`? \|', page, re.M)
     assert len(rows) >= 3
     for name, shown in rows:
-        assert defaults.get(name, 'unknown') == shown.strip(), f'{name}: the page says {shown}'
+        expected = '' if shown.strip() == '(empty)' else shown.strip()
+        assert defaults.get(name, 'unknown') == expected, f'{name}: the page says {shown}'
     assert f'cahal-bids:{cahal_bids.__version__}' in page
 
 
@@ -742,7 +752,14 @@ def _venv_environment(venv: Path) -> dict[str, str]:
 @pytest.mark.timeout(1200)
 def test_replay_dockerfile_install_and_run(tmp_path, record_property):
     """The Dockerfile's build and install steps, replayed in a fresh venv (no system site
-    packages), make a working cahal-bids: ``--version`` and a tiny participant run."""
+    packages), make a working cahal-bids: ``--version`` and a tiny participant run.
+
+    The stand-in for a real build where buildah cannot build the image; where it can,
+    ``tests/test_container_image.py`` builds and runs the image itself."""
+    from container_image import why_no_image
+
+    if why_no_image() is None:
+        pytest.skip('the image is built and run for real here (tests/test_container_image.py)')
     _, stages = read_stages(DOCKERFILE)
     started = time.monotonic()
     replay = Replay(tmp_path)

@@ -436,3 +436,77 @@ def test_the_array_script_reads_participants_tsv(slurm_cluster, tmp_path):
         scratch = [word for word in words if word.endswith(':/work')]
         assert len(scratch) == 1 and scratch[0].startswith(f'{tmp_path}/cahal-bids-'), lines[0]
     assert not list(tmp_path.glob('cahal-bids-*')), 'the scratch work folders were left behind'
+
+
+_APPTAINER_STAND_IN = """#!/bin/bash
+# Stands in for Apptainer in this test: `apptainer run [--cleanenv] [--nv] [-B A:B]... SIF
+# ARGS` runs the locally built image's entry point instead (containers/run-local.sh), as the
+# calling user, as Apptainer does.
+set -euo pipefail
+[ "$1" = run ] || {{ echo "apptainer stand-in: only 'run'" >&2; exit 64; }}
+shift
+volumes=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --cleanenv|--nv) shift ;;
+        -B) volumes+=(-v "$2"); shift 2 ;;
+        *) break ;;
+    esac
+done
+shift  # the SIF file
+exec {run} --user "$(id -u):$(id -g)" "${{volumes[@]}}" {tag} "$@"
+"""
+
+
+def test_the_array_script_runs_the_image_entry_point(slurm_cluster, assets, tmp_path):
+    """The job-array recipe submitted to the cluster with its Apptainer call replaced by the
+    built image's entry point (``containers/run-local.sh``): one participant, exit 0, the
+    same derivatives as the same arguments outside the image."""
+    from container_image import RUN, build_image
+
+    image = build_image()
+    bids, root = assets['bids'], assets['root']
+    (bids / 'participants.tsv').write_text('participant_id\nsub-01\n')
+    stub = tmp_path / 'bin'
+    stub.mkdir()
+    (stub / 'apptainer').write_text(_APPTAINER_STAND_IN.format(run=RUN, tag=image.tag))
+    (stub / 'apptainer').chmod(0o755)
+    out, logs = tmp_path / 'out', tmp_path / 'logs'
+    logs.mkdir()
+    options = (
+        '--template-name Phantom --sloppy --no-denoise --random-seed 3 --skip-bids-validation'
+    )
+    env = {
+        **slurm_cluster.env,
+        'PATH': os.pathsep.join((str(stub), slurm_cluster.env.get('PATH', ''))),
+        'BIDS_DIR': str(bids),
+        'OUT_DIR': str(out),
+        'IMAGE': str(tmp_path / 'cahal-bids.sif'),
+        'APPTAINER_EXTRA': f'-B {root}:/assets:ro',
+        'CAHAL_ARGS': f'--zoo /assets/{assets["t1w_zoo"].relative_to(root)} '
+        f'--template-file /assets/{assets["template"].relative_to(root)} {options}',
+        'TMPDIR': str(tmp_path),
+    }
+    result = subprocess.run(
+        [slurm_cluster.programs['sbatch'], '--parsable', '--wait', '--array=1-1',
+         f'--output={logs}/%a.out', '--time=20', '--cpus-per-task=1', '--mem=2000M',
+         str(RECIPES / 'cahal-bids-array.sbatch')],
+        env=env, capture_output=True, text=True, check=False, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    log = (logs / '1.out').read_text() if (logs / '1.out').exists() else ''
+    assert result.returncode == 0, (result.stderr, log[-4000:])
+    inside = _derivative_files(out)
+    assert any(name.endswith('_desc-cahal_T1w.nii.gz') for name in inside), (sorted(inside), log)
+
+    host_out = tmp_path / 'host-out'
+    host = _run(
+        [sys.executable, '-m', 'cahal_bids', str(bids), str(host_out), 'participant',
+         '--participant-label', '01', '-w', str(tmp_path / 'host-work'),
+         '--nprocs', '1', '--omp-nthreads', '1', '--zoo', str(assets['t1w_zoo']),
+         '--template-file', str(assets['template']), *options.split()],
+        _environment(dict(os.environ)),
+    )  # fmt: skip
+    assert host.returncode == 0, host.stderr[-4000:]
+    outside = _derivative_files(host_out)
+    assert sorted(inside) == sorted(outside)
+    assert [name for name in outside if inside[name] != outside[name]] == []
