@@ -83,7 +83,7 @@ def test_a_modality_name_opens_the_shipped_zoo(modality):
         pytest.skip(str(error))
     enhancer = cahal_bids.Enhancer(zoo=modality, device='cpu', precision='fp32')
     assert enhancer.zoo.path == shipped
-    assert enhancer.zoo.modality == modality
+    assert enhancer.zoo.modality == 'T1w'  # the route table sends FLAIR to the T1w zoo
     assert enhancer.device == torch.device('cpu')
     assert enhancer.contrast == modality
 
@@ -102,8 +102,9 @@ def test_t2w_opens_the_shipped_t1w_zoo_for_t2w_images(make_nifti, make_zoo):
     image = nib.load(make_nifti(shape=(12, 10, 5), zooms=(1.0, 1.0, 4.0)))
     result = cahal_bids.Enhancer(t1w, device='cpu', contrast='T2w').enhance(image)
     assert result.provenance['route'] == 'T2w' and result.provenance['zoo']['modality'] == 'T1w'
-    with pytest.raises(ZooError, match='trained for T1w, not FLAIR'):
-        cahal_bids.Enhancer(t1w, device='cpu', contrast='FLAIR')
+    flair = make_zoo('flair', cells=['V4A1'], modality='FLAIR')
+    with pytest.raises(ZooError, match='trained for FLAIR, not T2w'):
+        cahal_bids.Enhancer(flair, device='cpu', contrast='T2w')
 
 
 def test_a_path_or_an_opened_zoo(make_zoo):

@@ -205,13 +205,14 @@ def test_cli_end_to_end(tmp_path, make_nifti, test_zoo, capsys):
     assert capsys.readouterr().err == ''
 
 
-def test_cli_refuses_a_zoo_of_another_modality(tmp_path, make_nifti, test_zoo, capsys):
+def test_cli_refuses_a_zoo_of_another_modality(tmp_path, make_nifti, make_zoo, capsys):
     source = make_nifti(shape=(16, 14, 6), zooms=(1.0, 1.0, 3.0))
+    flair = make_zoo('flair', modality='FLAIR', cells=['V3A1'])
     code = enhance.main(
-        [str(source), str(tmp_path / 'o.nii.gz'), '--zoo', str(test_zoo), '--modality', 'FLAIR']
+        [str(source), str(tmp_path / 'o.nii.gz'), '--zoo', str(flair), '--modality', 'T1w']
     )
     assert code == 2
-    assert 'trained for T1w, not FLAIR' in capsys.readouterr().err
+    assert 'trained for FLAIR, not T1w' in capsys.readouterr().err
 
 
 def test_cli_refuses_a_corrupted_zoo(tmp_path, make_nifti, test_zoo, capsys):

@@ -194,13 +194,13 @@ def test_default_zoo_missing_is_clear(monkeypatch):
         default_zoo_path('PD')
 
 
-def test_route_table_sends_t2w_to_the_t1w_zoo():
-    assert SHIPPED_ZOOS['T2w'] == SHIPPED_ZOOS['T1w'] and 'T2w' in ROUTED_MODALITIES
-    assert default_zoo_path('T2w') == default_zoo_path('T1w')
-    assert serving_modalities('T2w') == ('T2w', 'T1w')
-    # lent one way only: a T2w zoo never serves T1w images, nor a FLAIR zoo T2w ones
+def test_route_table_sends_t2w_and_flair_to_the_t1w_zoo():
+    for route in ('T2w', 'FLAIR'):
+        assert SHIPPED_ZOOS[route] == SHIPPED_ZOOS['T1w'] and route in ROUTED_MODALITIES
+        assert default_zoo_path(route) == default_zoo_path('T1w')
+        assert serving_modalities(route) == (route, 'T1w')
+    # lent one way only: neither a T2w nor a FLAIR zoo ever serves T1w images
     assert serving_modalities('T1w') == ('T1w',)
-    assert serving_modalities('FLAIR') == ('FLAIR',)
     assert serving_modalities('PD') == ('PD',)
 
 
@@ -208,8 +208,9 @@ def test_a_zoo_serves_its_own_route_and_those_the_table_lends_it(tiny_zoo, tmp_p
     zoo = Zoo.open(tiny_zoo)
     zoo.check_serves('T1w')
     zoo.check_serves('T2w')
-    with pytest.raises(ZooError, match='trained for T1w, not FLAIR'):
-        zoo.check_serves('FLAIR')
+    zoo.check_serves('FLAIR')
+    with pytest.raises(ZooError, match='trained for T1w, not PD'):
+        zoo.check_serves('PD')
     manifest = json.loads((tiny_zoo / MANIFEST_NAME).read_text())
     manifest['modality'] = 'T2w'
     (tiny_zoo / MANIFEST_NAME).write_text(json.dumps(manifest))
