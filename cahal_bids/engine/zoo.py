@@ -59,10 +59,10 @@ ZOO_FORMAT_VERSION = 1
 SHIPPED_ZOOS: dict[str, str] = {
     'T1w': 't1w',
     # The FLAIR zoo (cahal_bids/zoos/flair, trained on two skull-stripped FLAIRs) lost to the
-    # T1w zoo on the validation split (cahal-eval --routes, docs/evaluation.md): below cubic
-    # B-spline on both T1w images (-0.65 and -1.12 dB) and below trilinear in one cell of the
-    # full-head one, where the T1w zoo is +1.78 and +1.77 dB above cubic and never below
-    # trilinear; the T1w zoo also restores the FLAIR of sub-stroke01 at +1.86 dB over cubic.
+    # T1w zoo on every validation image (cahal-eval --routes, 18 cells, docs/evaluation.md),
+    # its own contrast included: on the FLAIR of sub-stroke01 +1.24 dB over cubic B-spline
+    # against +1.86; on the two T1w images -0.65 and -0.98 dB (two cells of the full-head one
+    # below trilinear) against +1.78 and +1.66, the T1w zoo never below trilinear.
     # A FLAIR-specific zoo comes back only if it beats the T1w zoo on every validation image.
     'FLAIR': 't1w',
     # No T2w zoo is trained and validated yet. The T1w experts, trained on varied anatomy,
