@@ -465,7 +465,9 @@ def test_t2w_is_served_by_the_t1w_zoo_and_aligned_to_the_t1w(full_run, assets):
     assert t1w['route'] == 'T1w' and t1w['zoo'] == details['zoo']
     rigid = json.loads((anat / 'sub-01_from-T2w_to-T1w_mode-image_xfm.json').read_text())
     assert rigid['Registration']['stages'] == ['QuickRigid']
-    assert rigid['Sources'] == ['bids:raw:sub-01/anat/sub-01_T2w.nii.gz']
+    t1w_uri = 'bids:raw:sub-01/anat/sub-01_T1w.nii.gz'
+    assert rigid['Sources'] == ['bids:raw:sub-01/anat/sub-01_T2w.nii.gz', t1w_uri]
+    assert rigid['SpatialReference'] == t1w_uri  # the T1w it goes to, whichever session
     figures = full_run['out'] / 'sub-01' / 'figures'
     assert (figures / 'sub-01_space-T1w_desc-registration_T2w.png').is_file()
 

@@ -190,6 +190,7 @@ def init_single_subject_wf(
             relative_path=image.relative_path,
             template='T1w',
             resampled=False,
+            reference_path=reference.relative_path,
             name=f'ds_{prefix}_{image.key}_wf',
         )
         workflow.connect([

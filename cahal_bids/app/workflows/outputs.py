@@ -101,9 +101,14 @@ def init_ds_registration_wf(
     template: str,
     resampled: bool,
     brain_mask: bool = False,
+    reference_path: str | None = None,
     name: str = 'ds_registration_wf',
 ) -> Workflow:
     """Write the transforms ``..._from-<suffix>_to-<template>_mode-image_xfm.txt`` and back.
+
+    ``reference_path`` (relative to the dataset), for a transform to another image such as
+    the T1w: that image, named in the sidecar's ``Sources`` and ``SpatialReference`` (it
+    may belong to another session of the participant when this one has no T1w).
 
     With ``brain_mask``, also the template's brain mask on the enhanced image's native
     grid, ``..._space-<suffix>_desc-brain_mask.nii.gz`` (``space-<suffix>``: the native
@@ -129,7 +134,13 @@ def init_ds_registration_wf(
         suffix='xfm',
         extension='.txt',
         extra_entities=[('from', modality), ('to', template), ('mode', 'image')],
-        metadata={'Sources': [source], 'Type': 'ITK linear transform (text)'},
+        metadata={'Sources': [source], 'Type': 'ITK linear transform (text)'}
+        if reference_path is None
+        else {
+            'Sources': [source, bids_uri(reference_path)],
+            'SpatialReference': bids_uri(reference_path),
+            'Type': 'ITK linear transform (text)',
+        },
         meta_key='Registration',
         **base,
     )
