@@ -33,20 +33,9 @@ from cahal_bids.preprocessing.transforms import (
     mask_points,
     mean_displacement,
     read_itk_affine,
+    rigid_matrix,
     write_itk_affine,
 )
-
-
-def _rigid(degrees: float, axis: int, shift: np.ndarray | tuple[float, ...]) -> np.ndarray:
-    angle = np.deg2rad(degrees)
-    matrix = np.eye(4)
-    others = [a for a in range(3) if a != axis]
-    matrix[np.ix_(others, others)] = [
-        [np.cos(angle), -np.sin(angle)],
-        [np.sin(angle), np.cos(angle)],
-    ]
-    matrix[:3, 3] = shift
-    return matrix
 
 
 def perturbations(seed: int = 0) -> list[tuple[str, float, np.ndarray]]:
@@ -55,10 +44,12 @@ def perturbations(seed: int = 0) -> list[tuple[str, float, np.ndarray]]:
     found: list[tuple[str, float, np.ndarray]] = [('none', 0.0, np.eye(4))]
     for size in (1, 2, 4, 6, 10, 15, 25):
         direction = rng.normal(size=3)
-        found.append(('shift', size, _rigid(0, 0, size * direction / np.linalg.norm(direction))))
+        found.append(
+            ('shift', size, rigid_matrix(0, 0, size * direction / np.linalg.norm(direction)))
+        )
     for degrees in (2, 5, 10, 20):
-        found.append(('pitch', degrees, _rigid(degrees, 0, (0, 0, 0))))
-        found.append(('roll', degrees, _rigid(degrees, 1, (0, 0, 0))))
+        found.append(('pitch', degrees, rigid_matrix(degrees, 0, (0, 0, 0))))
+        found.append(('roll', degrees, rigid_matrix(degrees, 1, (0, 0, 0))))
     for scale in (1.1, 0.92):
         found.append(('scale', scale, np.diag([scale, scale, scale, 1.0])))
     return found

@@ -30,20 +30,9 @@ from cahal_bids.preprocessing.transforms import (
     mask_points,
     mean_displacement,
     read_itk_affine,
+    rigid_matrix,
     write_itk_affine,
 )
-
-
-def _rigid(degrees: float, axis: int, shift: tuple[float, float, float]) -> np.ndarray:
-    angle = np.deg2rad(degrees)
-    matrix = np.eye(4)
-    others = [a for a in range(3) if a != axis]
-    matrix[np.ix_(others, others)] = [
-        [np.cos(angle), -np.sin(angle)],
-        [np.sin(angle), np.cos(angle)],
-    ]
-    matrix[:3, 3] = shift
-    return matrix
 
 
 def test_itk_text_round_trip_matches_ants(tmp_path):
@@ -53,7 +42,7 @@ def test_itk_text_round_trip_matches_ants(tmp_path):
         transform_type='AffineTransform',
         precision='double',
         dimension=3,
-        matrix=_rigid(12, 0, (0, 0, 0))[:3, :3] * 1.05,
+        matrix=rigid_matrix(12, 0, (0, 0, 0))[:3, :3] * 1.05,
         center=(3.0, -7.0, 11.0),
         translation=(4.0, 5.0, -6.0),
     )
@@ -82,8 +71,8 @@ def test_unreadable_transforms_name_the_file(tmp_path):
 
 
 def test_composition_and_displacement():
-    flair_to_t1w = _rigid(5, 2, (1.0, 2.0, 0.0))
-    t1w_to_template = _rigid(-8, 0, (0.0, -3.0, 4.0))
+    flair_to_t1w = rigid_matrix(5, 2, (1.0, 2.0, 0.0))
+    t1w_to_template = rigid_matrix(-8, 0, (0.0, -3.0, 4.0))
     points = np.random.default_rng(0).normal(0, 40, (500, 3))
     composed = compose(flair_to_t1w, t1w_to_template)
     # a template point goes to the T1w first, then to the FLAIR
@@ -206,7 +195,7 @@ def test_skull_stripped_inputs_are_detected_from_the_image(tmp_path):
 def test_tilted_shifted_thick_slices_register_to_the_phantom_template(
     tmp_path, phantom_template, stripped
 ):
-    world = _rigid(12, 0, (4.0, -6.0, 20.0))  # nodding 12 degrees, 20 mm up
+    world = rigid_matrix(12, 0, (4.0, -6.0, 20.0))  # nodding 12 degrees, 20 mm up
     moving = _moving(tmp_path, 'moving.nii.gz', world=world, stripped=stripped)
     result = register_to_template(
         moving,
@@ -257,7 +246,7 @@ def test_registration_is_deterministic(tmp_path, phantom_template):
 
     from helpers import run_captured
 
-    moving = _moving(tmp_path, 'moving.nii.gz', world=_rigid(8, 0, (3.0, -4.0, 12.0)))
+    moving = _moving(tmp_path, 'moving.nii.gz', world=rigid_matrix(8, 0, (3.0, -4.0, 12.0)))
     environment = {**os.environ, 'ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS': '1'}
     texts = []
     for run in ('a', 'b'):
@@ -280,7 +269,7 @@ def test_quality_flags_a_misregistration(tmp_path, phantom_template):
     good = tmp_path / 'good.txt'
     write_itk_affine(np.eye(4), good)
     wrong = tmp_path / 'wrong.txt'
-    write_itk_affine(_rigid(25, 1, (8.0, 0.0, 18.0)), wrong)
+    write_itk_affine(rigid_matrix(25, 1, (8.0, 0.0, 18.0)), wrong)
     fine = registration_quality(moving, phantom_template, good, modality='T1w')
     bad = registration_quality(moving, phantom_template, wrong, modality='T1w')
     assert fine['nmi_brain'] > bad['nmi_brain']
@@ -297,7 +286,10 @@ def test_quality_flags_a_misregistration(tmp_path, phantom_template):
 def test_composed_template_transform(tmp_path, phantom_template):
     """FLAIR -> T1w, then T1w -> template: the FLAIR's template transform and its check."""
     moving = _moving(tmp_path, 'flair.nii.gz', sizes=(1.0, 1.0, 1.0))
-    to_t1w, t1w_to_template = _rigid(4, 2, (2.0, 0.0, 0.0)), _rigid(-4, 2, (-2.0, 0.0, 0.0))
+    to_t1w, t1w_to_template = (
+        rigid_matrix(4, 2, (2.0, 0.0, 0.0)),
+        rigid_matrix(-4, 2, (-2.0, 0.0, 0.0)),
+    )
     write_itk_affine(to_t1w, tmp_path / 'flair2t1w.txt')
     write_itk_affine(np.linalg.inv(to_t1w), tmp_path / 't1w2tpl.txt')
     result = compose_to_template(
@@ -319,7 +311,7 @@ def test_composed_template_transform(tmp_path, phantom_template):
 
 @pytest.mark.slow
 def test_register_linear_rigid_only_with_a_mask(tmp_path, phantom_template):
-    world = _rigid(6, 2, (3.0, 2.0, -4.0))
+    world = rigid_matrix(6, 2, (3.0, 2.0, -4.0))
     moving = _moving(tmp_path, 'moving.nii.gz', sizes=(1.0, 1.0, 1.0), world=world)
     result = register_linear(
         moving,
@@ -393,7 +385,7 @@ def test_real_skull_stripped_t1w_registers_from_a_tilted_shifted_header(shared_d
     )
     template = brain_extracted_template(head, tmp_path / 'templates', name='MNI152NLin2009cAsym')
     image = nib.load(source)
-    world = _rigid(15, 0, (0.0, 5.0, -30.0))
+    world = rigid_matrix(15, 0, (0.0, 5.0, -30.0))
     moved = tmp_path / 'moved.nii.gz'
     nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32), world @ image.affine).to_filename(
         moved

@@ -36,6 +36,7 @@ __all__ = [
     'mean_displacement',
     'moving_voxel_coordinates',
     'read_itk_affine',
+    'rigid_matrix',
     'write_itk_affine',
 ]
 
@@ -157,6 +158,23 @@ def moving_voxel_coordinates(
     to_voxels = np.linalg.inv(np.asarray(moving_affine, dtype=np.float64)) @ LPS
     whole = to_voxels @ np.asarray(transform, dtype=np.float64) @ LPS
     return points @ whole[:3, :3].T + whole[:3, 3]
+
+
+def rigid_matrix(degrees: float, axis: int, shift: np.ndarray | tuple[float, ...]) -> np.ndarray:
+    """A 4 x 4 rotation by ``degrees`` about coordinate ``axis`` (0, 1, 2), then ``shift``.
+
+    >>> np.round(rigid_matrix(90, 2, (1.0, 0.0, 0.0)) @ [1.0, 0.0, 0.0, 1.0], 6)
+    array([1., 1., 0., 1.])
+    """
+    angle = np.deg2rad(degrees)
+    matrix = np.eye(4)
+    others = [a for a in range(3) if a != axis]
+    matrix[np.ix_(others, others)] = [
+        [np.cos(angle), -np.sin(angle)],
+        [np.sin(angle), np.cos(angle)],
+    ]
+    matrix[:3, 3] = shift
+    return matrix
 
 
 def mean_displacement(first: np.ndarray, second: np.ndarray, points: np.ndarray) -> float:

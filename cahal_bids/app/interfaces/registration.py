@@ -22,6 +22,17 @@ __all__ = [
 ]
 
 
+def _set_registration_outputs(interface: SimpleInterface, result) -> None:
+    """``forward``, ``inverse`` and ``out_report`` (the result as JSON) of a registration."""
+    from cahal_bids.core.atomic import write_json_atomic
+
+    report = os.path.abspath('registration.json')
+    write_json_atomic(report, result.as_dict())
+    interface._results.update(
+        forward=str(result.forward), inverse=str(result.inverse), out_report=report
+    )
+
+
 class _RegisterLinearInputSpec(BaseInterfaceInputSpec):
     moving = File(exists=True, mandatory=True, desc='image to align (the enhanced image)')
     fixed = File(exists=True, mandatory=True, desc='reference (template or T1w)')
@@ -47,7 +58,6 @@ class RegisterLinear(SimpleInterface):
     output_spec = _RegisterLinearOutputSpec
 
     def _run_interface(self, runtime):
-        from cahal_bids.core.atomic import write_json_atomic
         from cahal_bids.preprocessing.registration import register_linear
 
         os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(self.inputs.num_threads)
@@ -60,11 +70,7 @@ class RegisterLinear(SimpleInterface):
             sloppy=self.inputs.sloppy,
             seed=self.inputs.seed,
         )
-        report = os.path.abspath('registration.json')
-        write_json_atomic(report, result.as_dict())
-        self._results.update(
-            forward=str(result.forward), inverse=str(result.inverse), out_report=report
-        )
+        _set_registration_outputs(self, result)
         return runtime
 
 
@@ -137,7 +143,6 @@ class RegisterToTemplate(SimpleInterface):
     output_spec = _RegisterLinearOutputSpec
 
     def _run_interface(self, runtime):
-        from cahal_bids.core.atomic import write_json_atomic
         from cahal_bids.preprocessing.registration import register_to_template
 
         os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(self.inputs.num_threads)
@@ -151,11 +156,7 @@ class RegisterToTemplate(SimpleInterface):
             sloppy=self.inputs.sloppy,
             seed=self.inputs.seed,
         )
-        report = os.path.abspath('registration.json')
-        write_json_atomic(report, result.as_dict())
-        self._results.update(
-            forward=str(result.forward), inverse=str(result.inverse), out_report=report
-        )
+        _set_registration_outputs(self, result)
         return runtime
 
 
@@ -175,7 +176,6 @@ class ComposeToTemplate(SimpleInterface):
     output_spec = _RegisterLinearOutputSpec
 
     def _run_interface(self, runtime):
-        from cahal_bids.core.atomic import write_json_atomic
         from cahal_bids.preprocessing.registration import compose_to_template
 
         result = compose_to_template(
@@ -187,11 +187,7 @@ class ComposeToTemplate(SimpleInterface):
             inverse_path=os.path.abspath('inverse_xfm.txt'),
             modality=self.inputs.modality,
         )
-        report = os.path.abspath('registration.json')
-        write_json_atomic(report, result.as_dict())
-        self._results.update(
-            forward=str(result.forward), inverse=str(result.inverse), out_report=report
-        )
+        _set_registration_outputs(self, result)
         return runtime
 
 
