@@ -35,8 +35,6 @@ from cahal_bids.cli.evaluation_inputs import prepared_entries
 from cahal_bids.core.modalities import MODALITIES
 
 PROG = 'cahal-eval'
-PROJECTED = 'cahal+projection'
-"""The method ``--consistency-projection`` adds."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,6 +339,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from cahal_bids.engine.zoo import Zoo, default_zoo_path
     from cahal_bids.evaluation.external_methods import command_method, parse_method_spec
     from cahal_bids.evaluation.protocol import (
+        PROJECTED_METHOD,
         markdown_tables,
         mean_dice,
         volumetric_bias,
@@ -396,7 +395,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         for name, template in templates.items()
     }
     # the built-in projection is part of what makes a finished cell reusable
-    compared = {**templates, **({PROJECTED: 'built-in'} if args.consistency_projection else {})}
+    compared = {
+        **templates,
+        **({PROJECTED_METHOD: 'built-in'} if args.consistency_projection else {}),
+    }
     rows: list[dict[str, Any]] = []
     progress = None if args.quiet else (lambda text: print(text, file=sys.stderr))
     registration_rows: list[dict[str, Any]] = []

@@ -4,7 +4,8 @@ The images (of any contrast) are prepared once, then the usual protocol runs for
 (its shipped zoo, or ``ROUTE=ZOO``) on all of them, in ``OUT/route-<ROUTE>/`` (each resumable
 like any ``cahal-eval`` output); ``OUT/split.md`` and ``OUT/split.json`` hold the tables of
 :mod:`cahal_bids.evaluation.split`: per route and image the mean gains over trilinear and
-cubic and the cells below each, own contrast and cross-contrast, then every cell.
+cubic and the cells below each, own contrast and cross-contrast, then every cell; with
+``--consistency-projection`` the same tables again for the projected restorations.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def evaluate_routes(
     from cahal_bids.core.atomic import write_json_atomic, write_text_atomic
     from cahal_bids.core.errors import CahalError
     from cahal_bids.engine.zoo import default_zoo_path
+    from cahal_bids.evaluation.protocol import PROJECTED_METHOD
     from cahal_bids.evaluation.split import cell_gains, split_summary, split_tables
     from cahal_bids.training.preparation import prepare_image
     from cahal_bids.training.prepared import PreparedVolume
@@ -108,17 +110,29 @@ def evaluate_routes(
         record = json.loads((routed.out / 'cases.json').read_text())
         results[route], zoos[route] = record['cases'], record['zoo']
     tables = split_tables(results, contrasts)
+    written: dict[str, Any] = {
+        'zoos': zoos,
+        'images': {name: {'contrast': contrasts[name], 'source': str(entry.source)}
+                   for entry in prepared for name in [entry.directory.name]},
+        'summary': split_summary(results, contrasts),
+        'cells': {route: cell_gains(rows) for route, rows in results.items()},
+    }  # fmt: skip
+    if args.consistency_projection:
+        # the same restorations projected onto the acquired data: the decision whether the
+        # projection becomes the default is read from these two tables side by side
+        tables += (
+            f'\n## With --consistency-projection (method {PROJECTED_METHOD})\n\n'
+            + split_tables(results, contrasts, method=PROJECTED_METHOD)
+        )
+        written['projection'] = {
+            'method': PROJECTED_METHOD,
+            'summary': split_summary(results, contrasts, method=PROJECTED_METHOD),
+            'cells': {
+                route: cell_gains(rows, method=PROJECTED_METHOD) for route, rows in results.items()
+            },
+        }
     write_text_atomic(args.out / 'split.md', tables)
-    write_json_atomic(
-        args.out / 'split.json',
-        {
-            'zoos': zoos,
-            'images': {name: {'contrast': contrasts[name], 'source': str(entry.source)}
-                       for entry in prepared for name in [entry.directory.name]},
-            'summary': split_summary(results, contrasts),
-            'cells': {route: cell_gains(rows) for route, rows in results.items()},
-        },
-    )  # fmt: skip
+    write_json_atomic(args.out / 'split.json', written)
     if not args.quiet:
         print(tables)
     print(f'{PROG}: split tables in {args.out / "split.md"}', file=sys.stderr)

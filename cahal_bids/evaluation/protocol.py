@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from cahal_bids.engine.segmenter import TissueSegmenter
 
 __all__ = [
+    'PROJECTED_METHOD',
     'EvaluationCase',
     'acquire',
     'cahal_method',
@@ -137,6 +138,10 @@ def cubic_bspline(
     return out.astype(np.float32)
 
 
+PROJECTED_METHOD = 'cahal+projection'
+"""The evaluation method of CAHAL's output projected onto the acquired data."""
+
+
 def cahal_methods(enhancer: Enhancer, *, projection: bool = False) -> dict[str, Method]:
     """CAHAL as evaluation methods: route the simulated resolution, restore, crop.
 
@@ -167,7 +172,7 @@ def cahal_methods(enhancer: Enhancer, *, projection: bool = False) -> dict[str, 
             restored = project_onto_acquired(restore(low, affine, resolution), low, affine)
             return restored[: shape[0], : shape[1], : shape[2]]
 
-        methods['cahal+projection'] = projected
+        methods[PROJECTED_METHOD] = projected
     return methods
 
 
