@@ -332,7 +332,7 @@ def test_bad_file_is_named(tmp_path):
 
 
 def _bids(root: Path, skull_stripped_path: Path) -> Path:
-    for subject in ('a', 'b', 'stroke01'):
+    for subject in ('a', 'b', 'stroke01', 'philips01', 'arc2265'):
         anat = root / f'sub-{subject}' / 'anat'
         anat.mkdir(parents=True)
         shutil.copy(skull_stripped_path, anat / f'sub-{subject}_T1w.nii.gz')
@@ -348,9 +348,11 @@ def test_find_images_filters_subjects(tmp_path, skull_stripped):
     assert [p.name for p in find_images(root, modality='T1w', subjects=['sub-a'])] == [
         'sub-a_T1w.nii.gz'
     ]
-    assert len(find_images(root, modality='T1w', exclude_subjects=())) == 3
-    with pytest.raises(PreparationError, match='both requested and excluded'):
-        find_images(root, modality='T1w', subjects=['stroke01'])
+    # the whole validation split of ../shared/data/hr is left out unless asked for
+    assert len(find_images(root, modality='T1w', exclude_subjects=())) == 5
+    for validation in ('stroke01', 'philips01', 'sub-arc2265'):
+        with pytest.raises(PreparationError, match='both requested and excluded'):
+            find_images(root, modality='T1w', subjects=[validation])
     with pytest.raises(PreparationError, match='sub-zz'):
         find_images(root, modality='T1w', subjects=['zz'])
 

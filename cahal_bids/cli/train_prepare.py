@@ -20,8 +20,6 @@ from cahal_bids.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, positive_in
 from cahal_bids.core.modalities import MODALITIES
 
 PROG = 'cahal-train prepare'
-VALIDATION_SUBJECTS = ('stroke01',)
-"""Excluded unless ``--exclude-participant`` says otherwise: never train on them."""
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -54,9 +52,10 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         '--exclude_participant',
         nargs='*',
         metavar='LABEL',
-        default=list(VALIDATION_SUBJECTS),
-        help='subjects never prepared (default: %(default)s, the validation subject; '
-        'give the option with no label to exclude nobody)',
+        default=None,
+        help='subjects never prepared (default: the validation split of ../shared/data/hr, '
+        'sub-stroke01, sub-philips01 and sub-arc2265: never train on them; give the option '
+        'with no label to exclude nobody)',
     )
     parser.add_argument(
         '--no-denoise', '--no_denoise', action='store_true', help='skip non-local-means denoising'
@@ -97,6 +96,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(args.threads)
 
     from cahal_bids.core.errors import CahalError
+    from cahal_bids.training.discovery import VALIDATION_SUBJECTS
     from cahal_bids.training.preparation import (
         PreparationError,
         PreparedVolume,
@@ -105,12 +105,15 @@ def run_prepare(args: argparse.Namespace) -> int:
     )
 
     brain_extracted = {'auto': None, 'yes': True, 'no': False}[args.brain_extracted]
+    excluded = args.exclude_participant
+    if excluded is None:
+        excluded = VALIDATION_SUBJECTS
     try:
         images = find_images(
             args.bids_dir,
             modality=args.modality,
             subjects=args.participant_label,
-            exclude_subjects=args.exclude_participant or (),
+            exclude_subjects=excluded,
         )
     except PreparationError as exc:
         report_error(PROG, str(exc))
@@ -152,7 +155,7 @@ def run_prepare(args: argparse.Namespace) -> int:
             args.cache_dir,
             modality=args.modality,
             subjects=args.participant_label,
-            exclude_subjects=args.exclude_participant or (),
+            exclude_subjects=excluded,
             denoise=not args.no_denoise,
             shrink_factor=args.shrink_factor,
             brain_extracted=brain_extracted,

@@ -11,7 +11,11 @@ from cahal_bids.core.modalities import MODALITIES
 from cahal_bids.core.nifti import NIFTI_SUFFIXES
 from cahal_bids.training.prepared import PreparationError
 
-__all__ = ['find_images']
+__all__ = ['VALIDATION_SUBJECTS', 'find_images']
+
+VALIDATION_SUBJECTS = ('stroke01', 'philips01', 'arc2265')
+"""The validation split of ``../shared/data/hr`` (its README): excluded from preparation
+unless asked for, so that no model is ever trained on an image that chooses between models."""
 
 
 def _subject_label(label: str) -> str:
@@ -23,13 +27,14 @@ def find_images(
     *,
     modality: str,
     subjects: Iterable[str] | None = None,
-    exclude_subjects: Iterable[str] = ('stroke01',),
+    exclude_subjects: Iterable[str] = VALIDATION_SUBJECTS,
 ) -> list[Path]:
     """The ``anat`` images of suffix ``modality`` in a BIDS folder (PyBIDS), sorted.
 
     ``subjects`` and ``exclude_subjects`` take labels with or without ``sub-``.
-    A subject both requested and excluded is an error (the validation subject is
-    excluded by default; pass ``exclude_subjects=()`` to prepare it).
+    A subject both requested and excluded is an error (the validation subjects,
+    :data:`VALIDATION_SUBJECTS`, are excluded by default; pass ``exclude_subjects=()`` to
+    prepare them).
     """
     if modality not in MODALITIES:
         raise PreparationError(

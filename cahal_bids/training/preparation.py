@@ -134,7 +134,7 @@ from cahal_bids.preprocessing.tissues import (
     WM,
     tissue_labels,
 )
-from cahal_bids.training.discovery import find_images
+from cahal_bids.training.discovery import VALIDATION_SUBJECTS, find_images
 from cahal_bids.training.prepared import (
     MANIFEST_NAME,
     METADATA_NAME,
@@ -509,7 +509,7 @@ def prepare_dataset(
     *,
     modality: str,
     subjects: Iterable[str] | None = None,
-    exclude_subjects: Iterable[str] = ('stroke01',),
+    exclude_subjects: Iterable[str] = VALIDATION_SUBJECTS,
     denoise: bool = True,
     shrink_factor: int = 1,
     brain_extracted: bool | None = None,
