@@ -117,3 +117,56 @@ def test_model_card_names_the_runs_of_a_merged_zoo(tmp_path, make_zoo):
     assert 'trained in 2 runs whose experts `cahal-train merge` combined' in card
     assert 'combined (V1A3, V2A2; V2A3)' in card  # one label for every run: not repeated
     assert '0.1 h of training in total' in card
+
+
+def _card_inputs(tmp_path, **entries):
+    path = tmp_path / 'card.json'
+    path.write_text(json.dumps({'commands': ['cahal-eval X'], 'data_credits': ['sub-x: MIT'],
+                                **entries}))  # fmt: skip
+    return path
+
+
+def test_cahal_train_card_shows_every_validation_image_and_the_selection(
+    tmp_path, make_zoo, capsys
+):
+    from cahal_bids.cli.train import main
+
+    zoo = make_zoo(cells=['V1A3'])
+    evaluation = _empty_evaluation(tmp_path)
+    split = tmp_path / 'split'
+    split.mkdir()
+    (split / 'split.md').write_text(
+        '| route | image | contrast | kind |\n| --- | --- | --- | --- |\n'
+        '| T1w | sub-arc2265_T2w | T2w | cross-contrast |\n'
+    )
+    inputs = _card_inputs(tmp_path, selection='sub-stroke01 and sub-philips01 chose the route.')
+    argv = [str(zoo), '--evaluation', str(evaluation), '--card-inputs', str(inputs)]
+    assert main(['card', *argv, '--split', str(split)]) == 0, capsys.readouterr().err
+    card = (zoo / 'MODEL_CARD.md').read_text()
+    assert '### Every validation image' in card
+    assert '| T1w | sub-arc2265_T2w | T2w | cross-contrast |' in card
+    assert 'Model selection: sub-stroke01 and sub-philips01 chose the route.' in card
+    assert 'cahal-eval X' in card and '- sub-x: MIT' in card
+    # without a split run the section is absent, not empty
+    assert main(['card', *argv]) == 0
+    assert '### Every validation image' not in (zoo / 'MODEL_CARD.md').read_text()
+
+
+def test_cahal_train_card_names_the_bad_input(tmp_path, make_zoo, capsys):
+    from cahal_bids.cli.train import main
+
+    zoo = make_zoo(cells=['V1A3'])
+    evaluation = _empty_evaluation(tmp_path)
+    before = (zoo / 'MODEL_CARD.md').read_text() if (zoo / 'MODEL_CARD.md').exists() else None
+    bad = tmp_path / 'bad.json'
+    bad.write_text(json.dumps({'commands': 'one string', 'data_credits': []}))
+    argv = ['card', str(zoo), '--evaluation', str(evaluation), '--card-inputs']
+    assert main([*argv, str(bad)]) == 2
+    assert f'{bad}: "commands" must be a list of strings' in capsys.readouterr().err
+    bad.write_text('{not json')
+    assert main([*argv, str(bad)]) == 2 and 'not valid JSON' in capsys.readouterr().err
+    missing_split = [*argv, str(_card_inputs(tmp_path)), '--split', str(tmp_path / 'nowhere')]
+    assert main(missing_split) == 2
+    assert f'{tmp_path / "nowhere" / "split.md"}: not found' in capsys.readouterr().err
+    after = (zoo / 'MODEL_CARD.md').read_text() if (zoo / 'MODEL_CARD.md').exists() else None
+    assert after == before, 'nothing written on a bad input'

@@ -111,8 +111,10 @@ def test_normalized_mutual_information_orders_alignment():
 # --- phantoms -------------------------------------------------------------------------
 
 
-def _phantom(shape, sizes, *, seed=0, stripped=False):
-    """The conftest head phantom in millimetres; ``stripped`` zeroes all but the brain."""
+def _phantom(shape, sizes, *, seed=0, stripped=False, interior=False):
+    """The conftest head phantom in millimetres; ``stripped`` zeroes all but the brain;
+    ``interior`` adds a ribbon under the brain's edge and a dozen fixed deep structures
+    (the same in every phantom), as a brain has, for fits that rely on its interior."""
     from scipy import ndimage
 
     rng = np.random.default_rng(seed)
@@ -121,6 +123,14 @@ def _phantom(shape, sizes, *, seed=0, stripped=False):
     radius = np.sqrt((x / 30) ** 2 + (y / 36) ** 2 + (z / 28) ** 2)
     volume = np.where(radius < 1.0, 60.0, 0.0)
     volume = np.where(radius < 0.85, 100.0, volume)
+    if interior:
+        volume = np.where((radius > 0.72) & (radius < 0.85), 75.0, volume)
+        anatomy = np.random.default_rng(1234)
+        for _ in range(12):
+            centre = anatomy.uniform(-14, 14, 3)
+            half_axes = anatomy.uniform(3, 7, 3)
+            inside = sum(((c - m) / h) ** 2 for c, m, h in zip((x, y, z), centre, half_axes))
+            volume = np.where(inside < 1, anatomy.uniform(40, 150), volume)
     # an asymmetric 'ventricle' and a bright 'nose' so that orientation is defined
     volume = np.where(np.sqrt(((x - 6) / 6) ** 2 + ((y - 8) / 12) ** 2 + ((z - 6) / 5) ** 2) < 1,
                       30.0, volume)  # fmt: skip
@@ -162,11 +172,13 @@ def phantom_template(tmp_path_factory) -> TemplateBrain:
     )
 
 
-def _moving(tmp_path, name, *, sizes=(1.0, 1.0, 4.0), world=None, stripped=False, seed=1):
+def _moving(
+    tmp_path, name, *, sizes=(1.0, 1.0, 4.0), world=None, stripped=False, seed=1, interior=False
+):
     """A thick-slice phantom placed in the world by ``world`` (its true pose)."""
     extents = (76, 88, 72)
     shape = [int(round(e / s)) for e, s in zip(extents, sizes, strict=True)]
-    data, _ = _phantom(shape, sizes, seed=seed, stripped=stripped)
+    data, _ = _phantom(shape, sizes, seed=seed, stripped=stripped, interior=interior)
     affine = (np.eye(4) if world is None else world) @ _centred(shape, sizes)
     return _save(tmp_path / name, data, affine)
 
@@ -208,16 +220,71 @@ def test_tilted_shifted_thick_slices_register_to_the_phantom_template(
     details = result.as_dict()
     assert details['brain_extracted'] is stripped
     assert details['fixed'] == (
-        'brain-extracted template, brain mask'
+        'brain-extracted template, grown brain mask; brain interior in the finest affine levels'
         if stripped
-        else 'template head, brain mask in the finest affine levels'
+        else 'template head; brain interior in the finest affine levels'
     )
+    assert result.stages[-1] == 'Affine in the mask'
     assert details['initialization']['starts'] == 15
     # ANTs' fast presets stop at a quarter of the resolution: a few millimetres; a start in
     # the wrong place ends centimetres away
     assert _truth_displacement(result.forward, world, phantom_template) < 3.0
     assert details['quality']['doubtful'] is False
     assert details['quality']['brain_coverage'] > 0.9
+
+
+@pytest.mark.slow
+def test_full_head_and_skull_stripped_versions_land_together(tmp_path):
+    """One head with a brain interior, with and without its skull, registered as cahal-bids
+    registers (full schedules): the interior refines both fits, which agree and find the
+    true pose."""
+    shape = (80, 92, 76)
+    head, brain = _phantom(shape, (1.0, 1.0, 1.0), seed=5, interior=True)
+    affine = _centred(shape, (1.0, 1.0, 1.0))
+    template = TemplateBrain(
+        name='Phantom',
+        head=_save(tmp_path / 'head.nii.gz', head, affine),
+        brain=_save(
+            tmp_path / 'brain.nii.gz', np.where(brain, head, 0).astype(np.float32), affine
+        ),
+        brain_mask=_save(tmp_path / 'mask.nii.gz', brain.astype(np.uint8), affine),
+        record={},
+    )
+    world = rigid_matrix(8, 1, (3.0, 5.0, -4.0))
+    found = {}
+    for stripped in (False, True):
+        moving = _moving(
+            tmp_path, f'moving_{stripped}.nii.gz', world=world, stripped=stripped, interior=True
+        )
+        result = register_to_template(
+            moving,
+            template,
+            forward_path=tmp_path / f'fwd_{stripped}.txt',
+            inverse_path=tmp_path / f'inv_{stripped}.txt',
+            modality='T1w',
+        )
+        assert result.as_dict()['brain_extracted'] is stripped
+        assert result.as_dict()['mask_refinement']['kept'] is True
+        assert _truth_displacement(result.forward, world, template) < 1.5
+        found[stripped] = read_itk_affine(result.forward)
+    points = mask_points(template.brain_mask, step=2)
+    assert mean_displacement(found[False], found[True], points) < 1.0
+
+
+def test_brain_core_mask_erodes_but_keeps_a_core():
+    import ants
+
+    from cahal_bids.preprocessing.registration import BRAIN_CORE_EROSION_MM, brain_core_mask
+
+    axes = np.meshgrid(*[np.arange(64) - 31.5] * 3, indexing='ij')
+    ball = (np.sqrt(sum(a**2 for a in axes)) < 25).astype(np.float32)
+    core = brain_core_mask(ants.from_numpy(ball)).numpy() > 0
+    radius = np.sqrt(sum(a**2 for a in axes))
+    assert core.any() and not (core & (radius > 25 - BRAIN_CORE_EROSION_MM + 1)).any()
+    assert (radius[core] < 25 - BRAIN_CORE_EROSION_MM + 1).all()
+    small = (np.sqrt(sum(a**2 for a in axes)) < 9).astype(np.float32)
+    kept = brain_core_mask(ants.from_numpy(small)).numpy() > 0
+    assert kept.sum() >= 0.25 * small.sum(), 'a small brain is eroded less'
 
 
 _REGISTER_ONCE = """

@@ -5,7 +5,8 @@ Subcommands:
 * ``prepare``: denoise, resample to 1 mm, label and cache high-resolution images;
 * ``segmenter``: train the frozen tissue segmenter used by the semantic loss;
 * ``fit``: train a zoo of 18 experts along the curriculum (resumable);
-* ``merge``: combine zoos trained a few cells at a time into one.
+* ``merge``: combine zoos trained a few cells at a time into one;
+* ``card``: regenerate a zoo's model card from its manifest and measurements.
 """
 
 from __future__ import annotations
@@ -225,6 +226,7 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cahal_bids.cli.train_card import add_card_arguments
     from cahal_bids.cli.train_prepare import add_prepare_arguments
 
     parser = make_parser(PROG, __doc__.split('\n\n', 1)[0])
@@ -238,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_arguments(commands.add_parser('fit', help='train the experts of a zoo'))
     _add_merge_arguments(
         commands.add_parser('merge', help='combine zoos trained a few cells at a time')
+    )
+    add_card_arguments(
+        commands.add_parser('card', help="regenerate a zoo's model card from its measurements")
     )
     return parser
 
@@ -434,4 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_fit(args)
     if args.command == 'merge':
         return _run_merge(args)
+    if args.command == 'card':
+        from cahal_bids.cli.train_card import run_card
+
+        return run_card(args)
     return EXIT_FAILURE  # pragma: no cover

@@ -105,12 +105,16 @@ def render_model_card(
     lesions: str = '',
     real_lesions: str = '',
     ablations: str = '',
+    split: str = '',
+    selection: str = '',
 ) -> str:
     """Markdown model card for a zoo ``manifest`` validated by ``evaluation`` (cases.json).
 
     ``lesions``, ``real_lesions`` and ``ablations`` are Markdown tables (``cahal-eval``'s
     ``lesions.md`` and ``real_lesions.md``, and a measured ablation table) shown in their
-    own sections when given.
+    own sections when given; ``split`` is the ``split.md`` of a ``cahal-eval --routes`` run
+    (every validation image, per image and per cell) and ``selection`` says which images
+    chose between models.
     """
     training = manifest.get('training', {})
     experts = manifest.get('experts', {})
@@ -212,6 +216,19 @@ def render_model_card(
         tables.strip(),
         '',
     ]
+    if selection:
+        lines += [f'Model selection: {selection.strip()}', '']
+    if split:
+        lines += [
+            '### Every validation image',
+            '',
+            'Each route on every image of the validation split, its own contrast and the '
+            'others (cross-contrast stress), from one `cahal-eval --routes` run: the mean gain '
+            'over the cells of each image, then every cell.',
+            '',
+            split.strip(),
+            '',
+        ]
     if lesions:
         lines += [
             '### Lesion preservation',
@@ -261,10 +278,14 @@ def write_model_card(
     data_credits: Sequence[str],
     notes: Sequence[str] = (),
     ablations: str = '',
+    split_dir: str | os.PathLike[str] | None = None,
+    selection: str = '',
 ) -> Path:
-    """Write ``MODEL_CARD.md`` into ``zoo_dir`` from its manifest and an evaluation folder."""
+    """Write ``MODEL_CARD.md`` into ``zoo_dir`` from its manifest and an evaluation folder
+    (and the folder of a ``cahal-eval --routes`` run over the validation split)."""
     zoo = Path(zoo_dir)
     evaluation = Path(evaluation_dir)
+    split = '' if split_dir is None else (Path(split_dir) / 'split.md').read_text()
     lesions = evaluation / 'lesions.md'
     real_lesions = evaluation / 'real_lesions.md'
     card = render_model_card(
@@ -277,5 +298,7 @@ def write_model_card(
         lesions=lesions.read_text() if lesions.is_file() else '',
         real_lesions=real_lesions.read_text() if real_lesions.is_file() else '',
         ablations=ablations,
+        split=split,
+        selection=selection,
     )
     return write_text_atomic(zoo / 'MODEL_CARD.md', card)
