@@ -426,6 +426,9 @@ def test_eval_routes_runs_every_route_on_every_contrast(tmp_path, make_nifti, ma
     tables = (out / 'split.md').read_text()
     assert '| T2w | sub-02_T2w | T2w | own | 2 |' in tables
     assert tables.count('**') >= 8, 'the cells below trilinear are bold'
+    # one per-cell table for the routes one zoo serves
+    assert 'Routes T1w, FLAIR (one zoo): gain over' in tables
+    assert tables.count('per cell; **bold** below trilinear.') == 2
 
 
 def test_eval_routes_tabulates_the_projection_beside_the_expert(

@@ -33,6 +33,11 @@ def test_shipped_zoo_is_complete_and_documented(modality):
     assert zoo.trained_cells == set(CELLS)
     card = (zoo.path / 'MODEL_CARD.md').read_text()
     assert 'Data credits' in card and 'Validation' in card and 'cahal-eval' in card
+    # every image of the validation split, per image, and what chose between models
+    assert '### Every validation image' in card and 'Model selection:' in card
+    for image in ('sub-stroke01_T1w', 'sub-philips01_T1w', 'sub-stroke01_FLAIR',
+                  'sub-stroke01_T2w', 'sub-arc2265_T2w'):  # fmt: skip
+        assert f'| {image} |' in card, image
 
 
 @pytest.mark.slow

@@ -94,7 +94,14 @@ def split_tables(
     *,
     method: str = 'cahal',
 ) -> str:
-    """Markdown: the per-image summary, then each route's gains per image and cell."""
+    """Markdown: the per-image summary, then each route's gains per image and cell.
+
+    Routes given the very same rows (one zoo serving several routes, evaluated once) share
+    one per-cell table.
+    """
+    shared: dict[int, list[str]] = {}
+    for route, rows in results.items():
+        shared.setdefault(id(rows), []).append(route)
     results = {route: list(rows) for route, rows in results.items()}
     lines = [
         '| route | image | contrast | kind | cells | gain over trilinear (dB) | '
@@ -108,15 +115,17 @@ def split_tables(
             f'{row["gain_over_cubic_db"]:+.2f} | {row["cells_below_trilinear"]} | '
             f'{row["cells_below_cubic"]} |'
         )
-    for route, rows in results.items():
-        gains = cell_gains(rows, method=method)
+    for routes in shared.values():
+        route = routes[0]
+        gains = cell_gains(results[route], method=method)
         subjects = sorted({gain['subject'] for gain in gains})
         cells = sorted({gain['cell'] for gain in gains})
         lookup = {(gain['subject'], gain['cell']): gain for gain in gains}
         lines += [
             '',
-            f'Route {route}: gain over trilinear / over cubic (dB) per cell; '
-            '**bold** below trilinear.',
+            f'Route{"s" if len(routes) > 1 else ""} {", ".join(routes)}'
+            f'{" (one zoo)" if len(routes) > 1 else ""}: gain over trilinear / over cubic '
+            '(dB) per cell; **bold** below trilinear.',
             '',
             '| cell | ' + ' | '.join(subjects) + ' |',
             '| --- |' + ' ---: |' * len(subjects),
