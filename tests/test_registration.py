@@ -129,7 +129,8 @@ def _phantom(shape, sizes, *, seed=0, stripped=False, interior=False):
         for _ in range(12):
             centre = anatomy.uniform(-14, 14, 3)
             half_axes = anatomy.uniform(3, 7, 3)
-            inside = sum(((c - m) / h) ** 2 for c, m, h in zip((x, y, z), centre, half_axes))
+            offsets = zip((x, y, z), centre, half_axes, strict=True)
+            inside = sum(((c - m) / h) ** 2 for c, m, h in offsets)
             volume = np.where(inside < 1, anatomy.uniform(40, 150), volume)
     # an asymmetric 'ventricle' and a bright 'nose' so that orientation is defined
     volume = np.where(np.sqrt(((x - 6) / 6) ** 2 + ((y - 8) / 12) ** 2 + ((z - 6) / 5) ** 2) < 1,
