@@ -69,7 +69,6 @@ __all__ = [
     'AFFINE_FINE_SCHEDULE',
     'BRAIN_CORE_EROSION_MM',
     'BRAIN_MASK_MARGIN_MM',
-    'MASK_REFINEMENT_MAX_MM',
     'START_PITCHES_DEGREES',
     'START_SHIFTS_MM',
     'RegistrationError',
@@ -93,12 +92,6 @@ BRAIN_CORE_EROSION_MM = 8.0
 levels (:func:`brain_core_mask`): the brain's interior, which looks the same whether or not
 the skull was removed. 4 mm left the two versions of one validation head 0.3-0.4 mm apart
 and that head's quality measure at the threshold; 8 mm, 0.1-0.2 mm."""
-
-MASK_REFINEMENT_MAX_MM = 3.0
-"""How far (mean over the mask, mm) the finest affine levels in the ``affine_mask`` may move
-the coarser fit. A larger move means the masked region held too little structure to fit
-twelve parameters (the interior of a featureless or heavily blurred brain) and the coarser
-fit is kept (``mask_refinement`` in the record says which)."""
 
 BRAIN_CORE_MIN_FRACTION = 0.25
 """The eroded mask keeps at least this fraction of the brain mask (a smaller template brain
@@ -285,11 +278,10 @@ def register_linear(
                 outprefix=str(Path(scratch) / 'masked_'),
                 **(AFFINE_FINE_SCHEDULE_SLOPPY if sloppy else AFFINE_FINE_SCHEDULE),
             )
+            # how far the masked levels moved the coarser fit: recorded, for the reports
             moved = _mean_move(final, refined, affine_mask, scratch)
-            kept = moved <= MASK_REFINEMENT_MAX_MM
-            details['mask_refinement'] = {'moved_mm': round(moved, 3), 'kept': kept}
-            if kept:
-                final = refined
+            details['mask_refinement'] = {'moved_mm': round(moved, 3)}
+            final = refined
         matrix_file = final['fwdtransforms'][0]
         if not str(matrix_file).endswith('.mat'):
             raise RegistrationError(f'{moving}: unexpected ANTs output {final["fwdtransforms"]}')
