@@ -41,7 +41,8 @@ def main() -> None:
     brain = read_ants(template.brain_mask)
     grown = args.work / 'grown.nii.gz'
     ants.image_write(ants.iMath(brain, 'MD', int(round(BRAIN_MASK_MARGIN_MM))), str(grown))
-    print('| image | finest levels: margin (mm) | hull vs full | closed vs full | hull vs closed |')
+    print('| image | finest levels: margin (mm) | hull vs full | closed vs full | '
+          'hull vs closed |')  # fmt: skip
     print('| --- | ---: | ---: | ---: | ---: |')
     for spec in args.images:
         label, *paths = spec.split('=')
@@ -67,7 +68,8 @@ def main() -> None:
             hull, closed = (mean_displacement(found[v], found['full'], points)
                             for v in ('hull', 'closed'))  # fmt: skip
             both = mean_displacement(found['hull'], found['closed'], points)
-            print(f'| {label} | {margin:+d} | {hull:.2f} | {closed:.2f} | {both:.2f} |', flush=True)
+            row = f'| {label} | {margin:+d} | {hull:.2f} | {closed:.2f} | {both:.2f} |'
+            print(row, flush=True)
 
 
 if __name__ == '__main__':
