@@ -221,11 +221,10 @@ def test_tilted_shifted_thick_slices_register_to_the_phantom_template(
     details = result.as_dict()
     assert details['brain_extracted'] is stripped
     assert details['fixed'] == (
-        'brain-extracted template, grown brain mask; brain interior in the finest affine levels'
+        'brain-extracted template, brain mask'
         if stripped
-        else 'template head; brain interior in the finest affine levels'
+        else 'template head, brain mask in the finest affine levels'
     )
-    assert result.stages[-1] == 'Affine in the mask'
     assert details['initialization']['starts'] == 15
     # ANTs' fast presets stop at a quarter of the resolution: a few millimetres; a start in
     # the wrong place ends centimetres away
@@ -237,8 +236,8 @@ def test_tilted_shifted_thick_slices_register_to_the_phantom_template(
 @pytest.mark.slow
 def test_full_head_and_skull_stripped_versions_land_together(tmp_path, phantom_template):
     """One head, with and without its skull, registered as cahal-bids registers (full
-    schedules): the brain's interior refines both fits, which agree and find the true
-    pose."""
+    schedules): both find the true pose and agree (on this phantom; a real full-head T2w
+    and its stripped copies still differ by 1.3 mm, docs/evaluation.md)."""
     template = phantom_template
     world = rigid_matrix(8, 1, (3.0, 5.0, -4.0))
     found = {}
@@ -252,27 +251,12 @@ def test_full_head_and_skull_stripped_versions_land_together(tmp_path, phantom_t
             modality='T1w',
         )
         assert result.as_dict()['brain_extracted'] is stripped
-        assert result.as_dict()['mask_refinement']['moved_mm'] >= 0
+        if not stripped:  # the full head's last levels in the brain mask: how far they moved
+            assert result.as_dict()['mask_refinement']['moved_mm'] >= 0
         assert _truth_displacement(result.forward, world, template) < 1.5
         found[stripped] = read_itk_affine(result.forward)
     points = mask_points(template.brain_mask, step=2)
     assert mean_displacement(found[False], found[True], points) < 1.0
-
-
-def test_brain_core_mask_erodes_but_keeps_a_core():
-    import ants
-
-    from cahal_bids.preprocessing.registration import BRAIN_CORE_EROSION_MM, brain_core_mask
-
-    axes = np.meshgrid(*[np.arange(64) - 31.5] * 3, indexing='ij')
-    ball = (np.sqrt(sum(a**2 for a in axes)) < 25).astype(np.float32)
-    core = brain_core_mask(ants.from_numpy(ball)).numpy() > 0
-    radius = np.sqrt(sum(a**2 for a in axes))
-    assert core.any() and not (core & (radius > 25 - BRAIN_CORE_EROSION_MM + 1)).any()
-    assert (radius[core] < 25 - BRAIN_CORE_EROSION_MM + 1).all()
-    small = (np.sqrt(sum(a**2 for a in axes)) < 9).astype(np.float32)
-    kept = brain_core_mask(ants.from_numpy(small)).numpy() > 0
-    assert kept.sum() >= 0.25 * small.sum(), 'a small brain is eroded less'
 
 
 _REGISTER_ONCE = """

@@ -10,13 +10,6 @@ builds on it for real inputs:
   restricted to its brain mask grown by :data:`BRAIN_MASK_MARGIN_MM`
   (:func:`~cahal_bids.preprocessing.brain_template.brain_extracted_template`);
   full-head inputs go to the full-head template, as before;
-* **the final fit is the brain's interior** for both: the two finest affine levels are
-  restricted to the template brain mask eroded by :data:`BRAIN_CORE_EROSION_MM`
-  (:func:`brain_core_mask`). The brain's outline is what differs between a full head (CSF,
-  skull and scalp around it) and a skull-stripped copy (whatever edge the stripping tool
-  drew, bright CSF kept or not); fitted to the outline, the two versions of one validation
-  head landed 1.3 mm apart (an affine scaling of about 3 %), fitted to the interior within
-  0.2 mm (docs/evaluation.md);
 * **initialisation** (:func:`~cahal_bids.preprocessing.registration_start.initial_alignment`):
   foreground centres matched, then the best of several coarse rigid starts along the
   head's long axis and about the left-right axis, so that tilted, shifted and partial
@@ -67,14 +60,12 @@ if TYPE_CHECKING:
 __all__ = [
     'AFFINE_COARSE_SCHEDULE',
     'AFFINE_FINE_SCHEDULE',
-    'BRAIN_CORE_EROSION_MM',
     'BRAIN_MASK_MARGIN_MM',
     'START_PITCHES_DEGREES',
     'START_SHIFTS_MM',
     'RegistrationError',
     'RegistrationResult',
     'apply_to_template',
-    'brain_core_mask',
     'compose_to_template',
     'detect_brain_extracted',
     'image_similarity',
@@ -86,16 +77,6 @@ __all__ = [
 BRAIN_MASK_MARGIN_MM = 5.0
 """Growth (mm) of the template brain mask into the metric mask of skull-stripped inputs
 (every stage) and of full-head inputs (the affine stage)."""
-
-BRAIN_CORE_EROSION_MM = 8.0
-"""Erosion (mm) of the template brain mask into the metric mask of the two finest affine
-levels (:func:`brain_core_mask`): the brain's interior, which looks the same whether or not
-the skull was removed. 4 mm left the two versions of one validation head 0.3-0.4 mm apart
-and that head's quality measure at the threshold; 8 mm, 0.1-0.2 mm."""
-
-BRAIN_CORE_MIN_FRACTION = 0.25
-"""The eroded mask keeps at least this fraction of the brain mask (a smaller template brain
-is eroded less)."""
 
 RIGID_SCHEDULE = {
     'aff_iterations': (500, 250),
@@ -326,25 +307,6 @@ def _write_itk_text(transform: Any, target: Path, scratch: str) -> Path:
     return target
 
 
-def brain_core_mask(brain_mask: Any) -> Any:
-    """The template brain mask (an ANTs image) eroded by :data:`BRAIN_CORE_EROSION_MM`.
-
-    The erosion shrinks (by whole voxels) while it would leave less than
-    :data:`BRAIN_CORE_MIN_FRACTION` of the mask, so a small template brain keeps a core.
-    """
-    import ants
-
-    spacing = float(min(brain_mask.spacing))
-    radius = int(round(BRAIN_CORE_EROSION_MM / spacing))
-    total = float((brain_mask.numpy() > 0).sum())
-    while radius > 0:
-        core = ants.iMath(brain_mask, 'ME', radius)
-        if (core.numpy() > 0).sum() >= BRAIN_CORE_MIN_FRACTION * total:
-            return core
-        radius -= 1
-    return brain_mask
-
-
 def register_to_template(
     moving: str | os.PathLike[str],
     template: TemplateBrain,
@@ -362,12 +324,11 @@ def register_to_template(
     ``brain_extracted`` None detects it (:func:`detect_brain_extracted`) on
     ``detect_from`` (the acquired image) or else on ``moving``; skull-stripped
     images go to the brain-extracted template with its brain mask (grown by
-    :data:`BRAIN_MASK_MARGIN_MM`) in the start, the rigid stage and the coarse affine
-    levels; full-head images to the full-head template, started, rigidly aligned and
-    affinely aligned at coarse levels on the whole head (the head's outline is the robust
-    cue, for any contrast). Both are refined at the two finest affine levels within the
-    brain's interior (:func:`brain_core_mask`), which looks the same with or without the
-    skull, so the skull-stripped and full-head versions of an image agree. Starts
+    :data:`BRAIN_MASK_MARGIN_MM`) in every stage; full-head images to the full-head
+    template, started, rigidly aligned and affinely aligned at coarse levels on the whole
+    head (the head's outline is the robust cue, for any contrast) and refined at the two
+    finest levels within the same grown brain mask (the brain and its outline, not the
+    scalp, set the final fit). Starts
     from :func:`initial_alignment`; the result's ``details`` hold the decision, the
     initialisation and
     :func:`~cahal_bids.preprocessing.registration_quality.registration_quality`.
@@ -382,8 +343,6 @@ def register_to_template(
         grown = ants.iMath(mask, 'MD', int(round(BRAIN_MASK_MARGIN_MM)))
         metric_mask = Path(scratch) / 'metric_mask.nii.gz'
         ants.image_write(grown, str(metric_mask))
-        core_mask = Path(scratch) / 'core_mask.nii.gz'
-        ants.image_write(brain_core_mask(mask), str(core_mask))
         result = register_linear(
             moving,
             template.brain if brain_extracted else template.head,
@@ -392,7 +351,7 @@ def register_to_template(
             sloppy=sloppy,
             seed=seed,
             fixed_mask=metric_mask if brain_extracted else None,
-            affine_mask=core_mask,
+            affine_mask=None if brain_extracted else metric_mask,
             initialize=True,
         )
     quality = registration_quality(moving, template, result.forward, modality=modality)
@@ -401,12 +360,10 @@ def register_to_template(
         'brain_extracted': bool(brain_extracted),
         'brain_extracted_evidence': {k: round(float(v), 4) for k, v in evidence.items()},
         'fixed': (
-            'brain-extracted template, grown brain mask; brain interior in the finest '
-            'affine levels'
+            'brain-extracted template, brain mask'
             if brain_extracted
-            else 'template head; brain interior in the finest affine levels'
+            else 'template head, brain mask in the finest affine levels'
         ),
-        'brain_core_erosion_mm': BRAIN_CORE_EROSION_MM,
         'quality': quality,
     }
     return RegistrationResult(
