@@ -31,7 +31,12 @@ CARD_INPUT_TEXTS = ('ablations', 'selection')
 
 def add_card_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``card`` options to ``parser`` (a subcommand parser) and return it."""
-    parser.description = __doc__.split('\n\n')[1].replace('\n', ' ')
+    parser.description = (
+        "Render a zoo's MODEL_CARD.md from its manifest, a cahal-eval output folder, "
+        'optionally a cahal-eval --routes run over the whole validation split, and a JSON '
+        'file of what no measurement holds (the commands that reproduce the zoo, data '
+        'credits, limitations, ablations, which images chose between models).'
+    )
     parser.add_argument(
         'zoo', type=Path, help='zoo folder (its manifest.json; the card goes there)'
     )

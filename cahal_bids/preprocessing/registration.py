@@ -83,8 +83,10 @@ RIGID_SCHEDULE = {
     'aff_shrink_factors': (4, 2),
     'aff_smoothing_sigmas': (2, 1),
 }
-"""The rigid stage after :func:`initial_alignment` (which did the coarse levels already);
-the affine stage that follows keeps ANTs' default schedule down to full resolution."""
+"""The rigid stage after the start of
+:func:`~cahal_bids.preprocessing.registration_start.initial_alignment`
+(which did the coarse levels already); the affine stage that follows keeps ANTs' default
+schedule down to full resolution."""
 
 AFFINE_COARSE_SCHEDULE = {
     'aff_iterations': (2100, 1200),
@@ -196,7 +198,8 @@ def register_linear(
     finest levels of the affine stage (:data:`AFFINE_FINE_SCHEDULE`), which use
     ``affine_mask`` (after a start, a rigid stage and the coarse affine levels in
     ``fixed_mask`` or on the whole image); ``initialize`` starts from
-    :func:`initial_alignment` instead of ANTs' match of the intensity centres of mass.
+    :func:`~cahal_bids.preprocessing.registration_start.initial_alignment`
+    instead of ANTs' match of the intensity centres of mass.
     The transforms are written as ITK text files.
     """
     import ants
@@ -328,9 +331,9 @@ def register_to_template(
     template, started, rigidly aligned and affinely aligned at coarse levels on the whole
     head (the head's outline is the robust cue, for any contrast) and refined at the two
     finest levels within the same grown brain mask (the brain and its outline, not the
-    scalp, set the final fit). Starts
-    from :func:`initial_alignment`; the result's ``details`` hold the decision, the
-    initialisation and
+    scalp, set the final fit). Starts from
+    :func:`~cahal_bids.preprocessing.registration_start.initial_alignment`;
+    the result's ``details`` hold the decision, the initialisation and
     :func:`~cahal_bids.preprocessing.registration_quality.registration_quality`.
     """
     import ants
