@@ -180,6 +180,10 @@ def prepare_template_brain(config: RunConfig, inputs: RunInputs) -> None:
 
     if inputs.template_path is None or inputs.template_brain is not None:
         return
+    # the mask is derived here, in the main process, with an ANTs registration: on one ITK
+    # thread (unless the user chose otherwise) it is the same in every run, whatever the
+    # plugin; with several, the metric's sums and so its edge voxels change from run to run
+    os.environ.setdefault('ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS', '1')
     brain = template_brain(config.template, inputs.template_path, config.work_dir)
     inputs.template_brain = {'brain': str(brain.brain), 'mask': str(brain.brain_mask)}
     print(f'{PROG}: template brain mask {brain.brain_mask}')
