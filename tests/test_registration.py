@@ -11,7 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cahal_bids.preprocessing import brain_template
+from cahal_bids.core.errors import PreprocessingError
+from cahal_bids.preprocessing import brain_template, registration
 from cahal_bids.preprocessing.brain_template import TemplateBrain, brain_extracted_template
 from cahal_bids.preprocessing.registration import (
     compose_to_template,
@@ -19,6 +20,7 @@ from cahal_bids.preprocessing.registration import (
     register_linear,
     register_to_template,
 )
+from cahal_bids.preprocessing.registration_brain import strip_for_registration
 from cahal_bids.preprocessing.registration_quality import (
     brain_mask_in_image,
     normalized_mutual_information,
@@ -220,11 +222,12 @@ def test_tilted_shifted_thick_slices_register_to_the_phantom_template(
     )
     details = result.as_dict()
     assert details['brain_extracted'] is stripped
-    assert details['fixed'] == (
-        'brain-extracted template, brain mask'
-        if stripped
-        else 'template head, brain mask in the finest affine levels'
-    )
+    if stripped:
+        assert details['fixed'] == 'brain-extracted template, brain mask'
+    elif 'skipped' in details['brain_stage']:  # 4 mm slices: the strip may be implausible
+        assert details['fixed'] == 'template head, brain mask in the finest affine levels'
+    else:  # skull-stripped with the mask the whole-head fit carried over
+        assert details['stages'][-2:] == ['Skull-stripping', 'Affine, brain to brain']
     assert details['initialization']['starts'] == 15
     # ANTs' fast presets stop at a quarter of the resolution: a few millimetres; a start in
     # the wrong place ends centimetres away
@@ -236,13 +239,16 @@ def test_tilted_shifted_thick_slices_register_to_the_phantom_template(
 @pytest.mark.slow
 def test_full_head_and_skull_stripped_versions_land_together(tmp_path, phantom_template):
     """One head, with and without its skull, registered as cahal-bids registers (full
-    schedules): both find the true pose and agree (on this phantom; a real full-head T2w
-    and its stripped copies still differ by 1.3 mm, docs/evaluation.md)."""
+    schedules; the full head stripped first, then brain to brain): both find the true pose
+    and agree (the real validation images: docs/evaluation.md)."""
     template = phantom_template
     world = rigid_matrix(8, 1, (3.0, 5.0, -4.0))
     found = {}
     for stripped in (False, True):
-        moving = _moving(tmp_path, f'moving_{stripped}.nii.gz', world=world, stripped=stripped)
+        # 1 mm, as cahal-bids registers the restored image
+        moving = _moving(
+            tmp_path, f'moving_{stripped}.nii.gz', world=world, stripped=stripped, sizes=(1, 1, 1)
+        )
         result = register_to_template(
             moving,
             template,
@@ -251,12 +257,69 @@ def test_full_head_and_skull_stripped_versions_land_together(tmp_path, phantom_t
             modality='T1w',
         )
         assert result.as_dict()['brain_extracted'] is stripped
-        if not stripped:  # the full head's last levels in the brain mask: how far they moved
+        if not stripped:  # how far the brain-to-brain stage moved the whole-head fit
             assert result.as_dict()['mask_refinement']['moved_mm'] >= 0
+            assert result.as_dict()['brain_stage']['moved_mm'] >= 0
         assert _truth_displacement(result.forward, world, template) < 1.5
         found[stripped] = read_itk_affine(result.forward)
     points = mask_points(template.brain_mask, step=2)
     assert mean_displacement(found[False], found[True], points) < 1.0
+
+
+def test_strip_for_registration_keeps_the_brain_only(tmp_path, phantom_template):
+    """The phantom head in the template's pose: its brain kept, scalp and background zeroed;
+    a prior off the head (a wrong first fit) is refused, naming the file."""
+    moving = _moving(tmp_path, 'head.nii.gz', sizes=(1.0, 1.0, 1.0))
+    identity = write_itk_affine(np.eye(4), tmp_path / 'identity.txt')
+    record = strip_for_registration(
+        moving,
+        phantom_template.brain_mask,
+        identity,
+        modality='T1w',
+        out_file=tmp_path / 'brain.nii.gz',
+    )
+    head = nib.load(moving).get_fdata()
+    kept = nib.load(tmp_path / 'brain.nii.gz').get_fdata() != 0
+    _, truth = _phantom(head.shape, (1.0, 1.0, 1.0))
+    assert 2 * np.sum(kept & truth) / (kept.sum() + truth.sum()) > 0.85
+    from scipy import ndimage
+
+    beyond = kept & ~ndimage.binary_dilation(truth, iterations=3)  # 3 mm past the brain
+    assert beyond.sum() < 0.05 * kept.sum() and not kept[head < 5].any()  # the nose
+    assert record['n4_shrink_factor'] == 8
+    assert 0.7 < record['brain_litres'] / record['prior_litres'] < 1.3
+    away = write_itk_affine(rigid_matrix(0, 0, (0.0, 0.0, 70.0)), tmp_path / 'away.txt')
+    with pytest.raises(PreprocessingError, match='head.nii.gz'):
+        strip_for_registration(
+            moving, phantom_template.brain_mask, away, modality='T1w', out_file=tmp_path / 'x.nii'
+        )
+
+
+@pytest.mark.slow
+def test_full_head_keeps_the_whole_head_fit_when_no_brain_is_found(
+    tmp_path, phantom_template, monkeypatch
+):
+    """No plausible brain: the whole-head fit is the result, written where asked, and the
+    record says why."""
+
+    def no_brain(moving, *args, **kwargs):
+        raise PreprocessingError(f'{moving}: no brain here')
+
+    monkeypatch.setattr(registration, 'strip_for_registration', no_brain)
+    world = rigid_matrix(6, 0, (2.0, -3.0, 8.0))
+    result = register_to_template(
+        _moving(tmp_path, 'moving.nii.gz', world=world),
+        phantom_template,
+        forward_path=tmp_path / 'out' / 'fwd.txt',
+        inverse_path=tmp_path / 'out' / 'inv.txt',
+        modality='T1w',
+        sloppy=True,
+    )
+    details = result.as_dict()
+    assert 'no brain here' in details['brain_stage']['skipped']
+    assert details['fixed'] == 'template head, brain mask in the finest affine levels'
+    assert result.forward == tmp_path / 'out' / 'fwd.txt' and result.inverse.exists()
+    assert _truth_displacement(result.forward, world, phantom_template) < 3.0
 
 
 _REGISTER_ONCE = """

@@ -156,19 +156,24 @@ def template_brain_mask(
 
 
 def refine_brain_prior(
-    image: np.ndarray, prior: np.ndarray, head: np.ndarray, *, modality: str
+    image: np.ndarray,
+    prior: np.ndarray,
+    head: np.ndarray,
+    *,
+    modality: str,
+    voxel_sizes: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """A 1 mm brain mask from a prior (a template mask carried onto ``image``), by intensity.
+    """A brain mask from a prior (a template mask carried onto ``image``), by intensity.
 
     Within the prior dilated by :data:`PRIOR_GROWTH_MM` (and the head), the voxels
     nearer grey or white matter than CSF (a 1D k-means of the prior's core, eroded by
     :data:`PRIOR_CORE_MM`), opened with a :data:`BRAIN_OPENING_MM` ball, largest
-    component, closed with a :data:`BRAIN_CLOSING_MM` ball, holes filled. Returns
-    the mask and a JSON-ready record of the parameters.
+    component, closed with a :data:`BRAIN_CLOSING_MM` ball, holes filled (radii in mm
+    at ``voxel_sizes``). Returns the mask and a JSON-ready record of the parameters.
     """
-    sampling = (1.0, 1.0, 1.0)
-    margin = int(math.ceil(PRIOR_GROWTH_MM + BRAIN_CLOSING_MM)) + 2
-    box = bounding_box(prior, (margin, margin, margin))
+    sampling = tuple(float(size) for size in voxel_sizes)
+    reach = PRIOR_GROWTH_MM + BRAIN_CLOSING_MM
+    box = bounding_box(prior, tuple(int(math.ceil(reach / size)) + 2 for size in sampling))
     sub_prior = prior[box]
     sub_image = image[box]
     core = erode(sub_prior, PRIOR_CORE_MM, sampling)

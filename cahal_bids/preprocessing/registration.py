@@ -9,7 +9,10 @@ builds on it for real inputs:
   training preparation uses) and registered to the brain-extracted template, the metric
   restricted to its brain mask grown by :data:`BRAIN_MASK_MARGIN_MM`
   (:func:`~cahal_bids.preprocessing.brain_template.brain_extracted_template`);
-  full-head inputs go to the full-head template, as before;
+  full-head inputs are fitted whole to the full-head template first, then skull-stripped
+  with the brain mask that fit carries over
+  (:func:`~cahal_bids.preprocessing.registration_brain.strip_for_registration`) and
+  aligned brain to brain (:func:`affine_from`), as fMRIPrep does;
 * **initialisation** (:func:`~cahal_bids.preprocessing.registration_start.initial_alignment`):
   foreground centres matched, then the best of several coarse rigid starts along the
   head's long axis and about the left-right axis, so that tilted, shifted and partial
@@ -39,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cahal_bids.core.ants_bridge import ants_seed
-from cahal_bids.core.errors import CahalError
+from cahal_bids.core.errors import CahalError, PreprocessingError
+from cahal_bids.preprocessing.registration_brain import strip_for_registration
 from cahal_bids.preprocessing.registration_quality import read_ants, registration_quality
 from cahal_bids.preprocessing.registration_start import (
     START_PITCHES_DEGREES,
@@ -61,10 +65,12 @@ __all__ = [
     'AFFINE_COARSE_SCHEDULE',
     'AFFINE_FINE_SCHEDULE',
     'BRAIN_MASK_MARGIN_MM',
+    'BRAIN_STAGE_SCHEDULE',
     'START_PITCHES_DEGREES',
     'START_SHIFTS_MM',
     'RegistrationError',
     'RegistrationResult',
+    'affine_from',
     'apply_to_template',
     'compose_to_template',
     'detect_brain_extracted',
@@ -108,6 +114,14 @@ AFFINE_FINE_SCHEDULE_SLOPPY = {
     'aff_shrink_factors': (2,),
     'aff_smoothing_sigmas': (1,),
 }
+
+BRAIN_STAGE_SCHEDULE = {
+    'aff_iterations': (1200, 1200, 10),
+    'aff_shrink_factors': (4, 2, 1),
+    'aff_smoothing_sigmas': (2, 1, 0),
+}
+"""The last stage of a full-head registration: the image's brain to the brain-extracted
+template, affine, from the whole-head fit (so no start search and no rigid stage)."""
 
 
 class RegistrationError(CahalError):
@@ -310,6 +324,51 @@ def _write_itk_text(transform: Any, target: Path, scratch: str) -> Path:
     return target
 
 
+def affine_from(
+    moving: str | os.PathLike[str],
+    fixed: str | os.PathLike[str],
+    start: str | os.PathLike[str],
+    *,
+    forward_path: str | os.PathLike[str],
+    inverse_path: str | os.PathLike[str],
+    fixed_mask: str | os.PathLike[str] | None = None,
+    sloppy: bool = False,
+    seed: int = 0,
+) -> RegistrationResult:
+    """An affine stage (:data:`BRAIN_STAGE_SCHEDULE`) of ``moving`` to ``fixed`` from ``start``.
+
+    ``start`` is an ITK text transform (image to ``fixed``), e.g. a whole-head fit; the
+    result (written forward and inverse as ITK text) includes it.
+    """
+    import ants
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix='cahal-reg-') as scratch, ants_seed(seed):
+        initial = str(Path(scratch) / 'start.mat')
+        ants.write_transform(ants.read_transform(str(start)), initial)
+        fixed_image = read_ants(fixed)
+        result = ants.registration(
+            fixed_image,
+            read_ants(moving),
+            type_of_transform='Affine',
+            initial_transform=initial,
+            mask=None if fixed_mask is None else read_ants(fixed_mask),
+            outprefix=str(Path(scratch) / 'brain_'),
+            **(AFFINE_FINE_SCHEDULE_SLOPPY if sloppy else BRAIN_STAGE_SCHEDULE),
+        )
+        transform = ants.read_transform(result['fwdtransforms'][0])
+        similarity = image_similarity(fixed_image, result['warpedmovout'])
+        forward = _write_itk_text(transform, Path(forward_path), scratch)
+        inverse = _write_itk_text(transform.invert(), Path(inverse_path), scratch)
+    return RegistrationResult(
+        forward=forward,
+        inverse=inverse,
+        similarity=similarity,
+        stages=('Affine, brain to brain',),
+        seconds=time.perf_counter() - started,
+    )
+
+
 def register_to_template(
     moving: str | os.PathLike[str],
     template: TemplateBrain,
@@ -322,19 +381,24 @@ def register_to_template(
     sloppy: bool = False,
     seed: int = 0,
 ) -> RegistrationResult:
-    """Rigid then affine registration of ``moving`` to a template, checked.
+    """Rigid then affine registration of ``moving`` to a template, brain to brain, checked.
 
     ``brain_extracted`` None detects it (:func:`detect_brain_extracted`) on
-    ``detect_from`` (the acquired image) or else on ``moving``; skull-stripped
-    images go to the brain-extracted template with its brain mask (grown by
-    :data:`BRAIN_MASK_MARGIN_MM`) in every stage; full-head images to the full-head
-    template, started, rigidly aligned and affinely aligned at coarse levels on the whole
-    head (the head's outline is the robust cue, for any contrast) and refined at the two
-    finest levels within the same grown brain mask (the brain and its outline, not the
-    scalp, set the final fit). Starts from
-    :func:`~cahal_bids.preprocessing.registration_start.initial_alignment`;
-    the result's ``details`` hold the decision, the initialisation and
-    :func:`~cahal_bids.preprocessing.registration_quality.registration_quality`.
+    ``detect_from`` (the acquired image) or else on ``moving``. Skull-stripped images go
+    to the brain-extracted template with its brain mask (grown by
+    :data:`BRAIN_MASK_MARGIN_MM`) in every stage. Full-head images are first fitted
+    whole to the full-head template (started, rigid, affine at coarse levels on the whole
+    head, the two finest levels within the grown brain mask: the head's outline is the
+    robust cue, for any contrast), which carries the template's brain mask onto them;
+    they are then skull-stripped with it
+    (:func:`~cahal_bids.preprocessing.registration_brain.strip_for_registration`) and
+    their brain aligned to the brain-extracted template (:func:`affine_from`), as
+    fMRIPrep does, so that a head and a skull-stripped copy of it land together. If no
+    plausible brain is found, the whole-head fit stays and the record says why. Starts
+    from :func:`~cahal_bids.preprocessing.registration_start.initial_alignment`; the
+    result's ``details`` hold the decision, the initialisation, the brain stage and
+    :func:`~cahal_bids.preprocessing.registration_quality.registration_quality` (always
+    of ``moving`` itself).
     """
     import ants
 
@@ -346,36 +410,108 @@ def register_to_template(
         grown = ants.iMath(mask, 'MD', int(round(BRAIN_MASK_MARGIN_MM)))
         metric_mask = Path(scratch) / 'metric_mask.nii.gz'
         ants.image_write(grown, str(metric_mask))
+        whole = Path(scratch) / 'whole_head'
         result = register_linear(
             moving,
             template.brain if brain_extracted else template.head,
-            forward_path=forward_path,
-            inverse_path=inverse_path,
+            forward_path=forward_path if brain_extracted else whole / 'forward.txt',
+            inverse_path=inverse_path if brain_extracted else whole / 'inverse.txt',
             sloppy=sloppy,
             seed=seed,
             fixed_mask=metric_mask if brain_extracted else None,
             affine_mask=None if brain_extracted else metric_mask,
             initialize=True,
         )
+        stages = ('Initialization', *result.stages)
+        fixed = 'brain-extracted template, brain mask'
+        extra: dict[str, Any] = {}
+        if not brain_extracted:
+            stripped = Path(scratch) / 'brain.nii.gz'
+            try:
+                strip = strip_for_registration(
+                    moving,
+                    template.brain_mask,
+                    result.forward,
+                    modality=modality,
+                    out_file=stripped,
+                    seed=seed,
+                )
+            except PreprocessingError as error:
+                strip = None
+                extra['brain_stage'] = {'skipped': str(error)}
+            if strip is None:
+                result = _copy_result(result, forward_path, inverse_path)
+                fixed = 'template head, brain mask in the finest affine levels'
+            else:
+                brain_fit = affine_from(
+                    stripped,
+                    template.brain,
+                    result.forward,
+                    forward_path=forward_path,
+                    inverse_path=inverse_path,
+                    fixed_mask=metric_mask,
+                    sloppy=sloppy,
+                    seed=seed,
+                )
+                moved = mean_displacement(
+                    read_itk_affine(result.forward),
+                    read_itk_affine(brain_fit.forward),
+                    mask_points(template.brain_mask, step=2),
+                )
+                extra['brain_stage'] = {
+                    **strip,
+                    'moved_mm': round(moved, 3),
+                    'seconds_registration': round(brain_fit.seconds, 2),
+                }
+                stages = (*stages, 'Skull-stripping', *brain_fit.stages)
+                fixed = 'template head (whole-head fit), then brain to brain-extracted template'
+                result = RegistrationResult(
+                    forward=brain_fit.forward,
+                    inverse=brain_fit.inverse,
+                    similarity=brain_fit.similarity,
+                    stages=stages,
+                    seconds=result.seconds + strip['seconds'] + brain_fit.seconds,
+                    details=result.details,
+                )
     quality = registration_quality(moving, template, result.forward, modality=modality)
     details = {
         **result.details,
+        **extra,
         'brain_extracted': bool(brain_extracted),
         'brain_extracted_evidence': {k: round(float(v), 4) for k, v in evidence.items()},
-        'fixed': (
-            'brain-extracted template, brain mask'
-            if brain_extracted
-            else 'template head, brain mask in the finest affine levels'
-        ),
+        'fixed': fixed,
         'quality': quality,
     }
     return RegistrationResult(
         forward=result.forward,
         inverse=result.inverse,
         similarity=result.similarity,
-        stages=('Initialization', *result.stages),
+        stages=stages,
         seconds=result.seconds,
         details=details,
+    )
+
+
+def _copy_result(
+    result: RegistrationResult,
+    forward_path: str | os.PathLike[str],
+    inverse_path: str | os.PathLike[str],
+) -> RegistrationResult:
+    """``result`` with its transforms copied (atomically) to the given paths."""
+    copied = []
+    for source, target in ((result.forward, forward_path), (result.inverse, inverse_path)):
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target.with_name(target.name + '.part'))
+        os.replace(target.with_name(target.name + '.part'), target)
+        copied.append(target)
+    return RegistrationResult(
+        forward=copied[0],
+        inverse=copied[1],
+        similarity=result.similarity,
+        stages=result.stages,
+        seconds=result.seconds,
+        details=result.details,
     )
 
 
