@@ -435,8 +435,12 @@ def test_sidecars_carry_provenance_and_routing(full_run):
         'QuickRigid',
         'AffineFast',
         'Affine in the mask',
+        'Skull-stripping',
+        'Affine, brain to brain',
     ]
     assert registration['brain_extracted'] is False
+    assert registration['brain_stage']['brain_litres'] > 0
+    assert registration['brain_stage']['moved_mm'] >= 0
     assert registration['quality']['doubtful'] is False
     assert registration['quality']['nmi_brain'] > registration['quality']['threshold']
     composed = json.loads((anat / 'sub-01_from-FLAIR_to-Phantom_mode-image_xfm.json').read_text())[

@@ -461,7 +461,7 @@ def register_to_template(
                 extra['brain_stage'] = {
                     **strip,
                     'moved_mm': round(moved, 3),
-                    'seconds_registration': round(brain_fit.seconds, 2),
+                    'seconds': round(strip['seconds'] + brain_fit.seconds, 2),
                 }
                 stages = (*stages, 'Skull-stripping', *brain_fit.stages)
                 fixed = 'template head (whole-head fit), then brain to brain-extracted template'
