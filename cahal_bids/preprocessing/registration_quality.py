@@ -48,8 +48,9 @@ misregistrations (shifts of 1-25 mm, tilts of 2-20 degrees about two axes, scali
 Every registration within 2 mm scored at least 1.0461 (the full-head T2w, tilted by 2
 degrees: 1.4 mm), every one off by 8 mm or more at most 1.0388 (a skull-stripped T1w
 tilted 20 degrees); the threshold is the midpoint (calibrated again when full-head images
-began to be registered brain to brain; it was 1.043 with the whole-head fit). Between 5 and 8 mm the two overlap, so the
-flag means "probably off by several millimetres or more". A full-head T2w registration
+began to be registered brain to brain; it was 1.043 with the whole-head fit). Between 5
+and 8 mm the two overlap, so the flag means "probably off by several millimetres or
+more". A full-head T2w registration
 that failed by 14 mm scored 1.0296; restored thick-slice estimates score as high as the
 1 mm images (1.077-1.082 for sub-philips01's A1 cells). One value serves every
 contrast: the lowest good figure was a T2w, the highest bad one a T1w.
