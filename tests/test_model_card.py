@@ -150,6 +150,37 @@ def test_cahal_train_card_shows_every_validation_image_and_the_selection(
     # without a split run the section is absent, not empty
     assert main(['card', *argv]) == 0
     assert '### Every validation image' not in (zoo / 'MODEL_CARD.md').read_text()
+    assert '### Registration accuracy' not in (zoo / 'MODEL_CARD.md').read_text()
+
+
+def test_cahal_train_card_shows_registration_runs(tmp_path, make_zoo, capsys):
+    from cahal_bids.cli.train import main
+
+    zoo = make_zoo(cells=['V1A3'])
+    evaluation = _empty_evaluation(tmp_path)
+    runs = []
+    for name, tre in (('sub-a_T1w', '0.22'), ('sub-b_T2w', '0.31')):
+        run = tmp_path / f'reg-{name}'
+        run.mkdir()
+        record = {'inputs': [f'/data/{name}.nii.gz'], 'zoo': {'name': 'cahal-t1w'}, 'cases': []}
+        (run / 'cases.json').write_text(json.dumps(record))
+        (run / 'registration.md').write_text(
+            f'| image | cell | cahal TRE (mm) |\n| --- | --- | ---: |\n| {name} | V3A1 | {tre} |\n'
+        )
+        runs.append(str(run))
+    argv = [
+        str(zoo),
+        '--evaluation',
+        str(evaluation),
+        '--card-inputs',
+        str(_card_inputs(tmp_path)),
+    ]
+    assert main(['card', *argv, '--registration', *runs]) == 0, capsys.readouterr().err
+    card = (zoo / 'MODEL_CARD.md').read_text()
+    assert '### Registration accuracy (TRE)' in card
+    assert 'sub-a_T1w (restored by cahal-t1w):' in card and '| sub-b_T2w | V3A1 | 0.31 |' in card
+    assert main(['card', *argv, '--registration', str(tmp_path / 'none')]) == 2
+    assert f'{tmp_path / "none" / "cases.json"}: not found' in capsys.readouterr().err
 
 
 def test_cahal_train_card_names_the_bad_input(tmp_path, make_zoo, capsys):

@@ -52,6 +52,14 @@ def add_card_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help='cahal-eval --routes output folder over the validation split (its split.md)',
     )
     parser.add_argument(
+        '--registration',
+        type=Path,
+        nargs='+',
+        default=[],
+        metavar='DIR',
+        help='cahal-eval --registration output folders (their registration.md: TRE tables)',
+    )
+    parser.add_argument(
         '--card-inputs',
         '--card_inputs',
         type=Path,
@@ -100,6 +108,8 @@ def run_card(args: argparse.Namespace) -> int:
     needed.append(args.evaluation / 'tables.md')
     if args.split is not None:
         needed.append(args.split / 'split.md')
+    for folder in args.registration:
+        needed += [folder / 'cases.json', folder / 'registration.md']
     for path in needed:
         if not path.is_file():
             report_error(PROG, f'{path}: not found')
@@ -114,6 +124,7 @@ def run_card(args: argparse.Namespace) -> int:
             ablations=inputs.get('ablations', ''),
             split_dir=args.split,
             selection=inputs.get('selection', ''),
+            registration_dirs=args.registration,
         )
     except (OSError, ValueError, KeyError) as error:
         report_error(PROG, f'{args.zoo}: cannot write the model card ({error})')

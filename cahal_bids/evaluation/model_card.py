@@ -107,6 +107,7 @@ def render_model_card(
     ablations: str = '',
     split: str = '',
     selection: str = '',
+    registration: Sequence[tuple[str, str]] = (),
 ) -> str:
     """Markdown model card for a zoo ``manifest`` validated by ``evaluation`` (cases.json).
 
@@ -114,7 +115,8 @@ def render_model_card(
     ``lesions.md`` and ``real_lesions.md``, and a measured ablation table) shown in their
     own sections when given; ``split`` is the ``split.md`` of a ``cahal-eval --routes`` run
     (every validation image, per image and per cell) and ``selection`` says which images
-    chose between models.
+    chose between models. ``registration`` pairs a caption with the ``registration.md`` of a
+    ``cahal-eval --registration`` run (TRE against the ground truth's registration).
     """
     training = manifest.get('training', {})
     experts = manifest.get('experts', {})
@@ -229,6 +231,17 @@ def render_model_card(
             split.strip(),
             '',
         ]
+    if registration:
+        lines += [
+            '### Registration accuracy (TRE)',
+            '',
+            "Each method's estimate and the ground truth registered to the template as "
+            '`cahal-bids` registers them; the target registration error (mean distance over '
+            "the template's brain, mm) of each against the ground truth's registration.",
+            '',
+        ]
+        for caption, table in registration:
+            lines += [f'{caption.strip()}:', '', table.strip(), '']
     if lesions:
         lines += [
             '### Lesion preservation',
@@ -280,10 +293,19 @@ def write_model_card(
     ablations: str = '',
     split_dir: str | os.PathLike[str] | None = None,
     selection: str = '',
+    registration_dirs: Sequence[str | os.PathLike[str]] = (),
 ) -> Path:
     """Write ``MODEL_CARD.md`` into ``zoo_dir`` from its manifest and an evaluation folder
-    (and the folder of a ``cahal-eval --routes`` run over the validation split)."""
+    (and the folder of a ``cahal-eval --routes`` run over the validation split, and those of
+    ``cahal-eval --registration`` runs, each captioned with its inputs and zoo)."""
     zoo = Path(zoo_dir)
+    registration = []
+    for folder in map(Path, registration_dirs):
+        run = json.loads((folder / 'cases.json').read_text())
+        images = ', '.join(Path(p).name.split('.')[0] for p in run.get('inputs', []))
+        zoo_name = (run.get('zoo') or {}).get('name', 'the zoo')
+        caption = f'{images} (restored by {zoo_name})'
+        registration.append((caption, (folder / 'registration.md').read_text()))
     evaluation = Path(evaluation_dir)
     split = '' if split_dir is None else (Path(split_dir) / 'split.md').read_text()
     lesions = evaluation / 'lesions.md'
@@ -300,5 +322,6 @@ def write_model_card(
         ablations=ablations,
         split=split,
         selection=selection,
+        registration=registration,
     )
     return write_text_atomic(zoo / 'MODEL_CARD.md', card)
