@@ -120,8 +120,9 @@ BRAIN_STAGE_SCHEDULE = {
     'aff_shrink_factors': (4, 2, 1),
     'aff_smoothing_sigmas': (2, 1, 0),
 }
-"""The last stage of a full-head registration: the image's brain to the brain-extracted
-template, affine, from the whole-head fit (so no start search and no rigid stage)."""
+"""Schedule of the last stage of a full-head registration (the image's brain to the
+brain-extracted template, affine, from the whole-head fit, so no start search and no rigid
+stage)."""
 
 
 class RegistrationError(CahalError):

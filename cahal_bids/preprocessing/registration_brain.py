@@ -60,8 +60,8 @@ def strip_for_registration(
 
     ``forward`` is a first registration of ``moving`` to the template (ITK text, image to
     template) that carries ``template_brain_mask`` onto the image as the prior. Raises
-    :class:`~cahal_bids.core.errors.PreprocessingError` (naming the file) when the brain
-    found is not of a plausible size (:data:`PLAUSIBLE_BRAIN_TO_PRIOR`).
+    ``PreprocessingError`` (naming the file) when the brain found is not of a plausible
+    size (:data:`PLAUSIBLE_BRAIN_TO_PRIOR`).
     """
     import ants
     import nibabel as nib
