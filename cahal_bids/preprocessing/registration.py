@@ -35,6 +35,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -281,13 +282,9 @@ def register_linear(
             moved = _mean_move(final, refined, affine_mask, scratch)
             details['mask_refinement'] = {'moved_mm': round(moved, 3)}
             final = refined
-        matrix_file = final['fwdtransforms'][0]
-        if not str(matrix_file).endswith('.mat'):
-            raise RegistrationError(f'{moving}: unexpected ANTs output {final["fwdtransforms"]}')
-        transform = ants.read_transform(matrix_file)
-        similarity = image_similarity(fixed_image, final['warpedmovout'])
-        forward = _write_itk_text(transform, Path(forward_path), scratch)
-        inverse = _write_itk_text(transform.invert(), Path(inverse_path), scratch)
+        forward, inverse, similarity = _written_result(
+            moving, fixed_image, final, forward_path, inverse_path, scratch
+        )
     return RegistrationResult(
         forward=forward,
         inverse=inverse,
@@ -308,6 +305,28 @@ def _mean_move(before: Any, after: Any, mask: str | os.PathLike[str], scratch: s
         ants.write_transform(ants.read_transform(result['fwdtransforms'][0]), str(text))
         matrices.append(read_itk_affine(text))
     return mean_displacement(matrices[0], matrices[1], mask_points(mask, step=2))
+
+
+def _written_result(
+    moving: str | os.PathLike[str],
+    fixed_image: Any,
+    result: Mapping[str, Any],
+    forward_path: str | os.PathLike[str],
+    inverse_path: str | os.PathLike[str],
+    scratch: str,
+) -> tuple[Path, Path, dict[str, float]]:
+    """An ANTs registration result's affine written forward and inverse (ITK text), and
+    its similarity to ``fixed_image``."""
+    import ants
+
+    matrix_file = result['fwdtransforms'][0]
+    if not str(matrix_file).endswith('.mat'):
+        raise RegistrationError(f'{moving}: unexpected ANTs output {result["fwdtransforms"]}')
+    transform = ants.read_transform(matrix_file)
+    similarity = image_similarity(fixed_image, result['warpedmovout'])
+    forward = _write_itk_text(transform, Path(forward_path), scratch)
+    inverse = _write_itk_text(transform.invert(), Path(inverse_path), scratch)
+    return forward, inverse, similarity
 
 
 def _write_itk_text(transform: Any, target: Path, scratch: str) -> Path:
@@ -357,10 +376,9 @@ def affine_from(
             outprefix=str(Path(scratch) / 'brain_'),
             **(AFFINE_FINE_SCHEDULE_SLOPPY if sloppy else BRAIN_STAGE_SCHEDULE),
         )
-        transform = ants.read_transform(result['fwdtransforms'][0])
-        similarity = image_similarity(fixed_image, result['warpedmovout'])
-        forward = _write_itk_text(transform, Path(forward_path), scratch)
-        inverse = _write_itk_text(transform.invert(), Path(inverse_path), scratch)
+        forward, inverse, similarity = _written_result(
+            moving, fixed_image, result, forward_path, inverse_path, scratch
+        )
     return RegistrationResult(
         forward=forward,
         inverse=inverse,
