@@ -88,20 +88,23 @@ def test_a_modality_name_opens_the_shipped_zoo(modality):
     assert enhancer.contrast == modality
 
 
-def test_t2w_opens_the_shipped_t1w_zoo_for_t2w_images(make_nifti, make_zoo):
+def test_t2w_opens_the_shipped_t2w_zoo_and_a_t1w_zoo_serves_flair(make_nifti, make_zoo):
     try:
-        shipped = default_zoo_path('T1w')
+        shipped = default_zoo_path('T2w')
     except ZooError as error:
         pytest.skip(str(error))
     enhancer = cahal_bids.Enhancer(zoo='T2w', device='cpu', precision='fp32')
-    assert enhancer.zoo.path == shipped and enhancer.zoo.modality == 'T1w'
+    assert enhancer.zoo.path == shipped and enhancer.zoo.modality == 'T2w'
     assert enhancer.contrast == 'T2w'
     # an opened zoo serves its own modality unless told otherwise
     t1w = make_zoo('zoo', cells=['V4A1'])
     assert cahal_bids.Enhancer(t1w, device='cpu').contrast == 'T1w'
     image = nib.load(make_nifti(shape=(12, 10, 5), zooms=(1.0, 1.0, 4.0)))
-    result = cahal_bids.Enhancer(t1w, device='cpu', contrast='T2w').enhance(image)
-    assert result.provenance['route'] == 'T2w' and result.provenance['zoo']['modality'] == 'T1w'
+    result = cahal_bids.Enhancer(t1w, device='cpu', contrast='FLAIR').enhance(image)
+    assert result.provenance['route'] == 'FLAIR' and result.provenance['zoo']['modality'] == 'T1w'
+    # the route table lends the T1w zoo to FLAIR, not to T2w, which has a zoo of its own
+    with pytest.raises(ZooError, match='trained for T1w, not T2w'):
+        cahal_bids.Enhancer(t1w, device='cpu', contrast='T2w')
     flair = make_zoo('flair', cells=['V4A1'], modality='FLAIR')
     with pytest.raises(ZooError, match='trained for FLAIR, not T2w'):
         cahal_bids.Enhancer(flair, device='cpu', contrast='T2w')

@@ -330,11 +330,12 @@ def test_methods_text_is_read_from_the_workflow_factories():
     assert 'to Phantom space' in text(both, template='Phantom')[1]
     assert 'Each T1w image' in text({'01': _images(False)}, modalities=['T1w'])[1]
     assert 'FLAIR image to T1w space' not in text({'01': _images(False)})[1]
-    # T2w is named when present, with the zoo that served it
-    served = {'T1w': 'T1w', 'FLAIR': 'FLAIR', 'T2w': 'T1w'}
+    # T2w is named when present; a contrast restored by another's zoo says which
+    served = {'T1w': 'T1w', 'FLAIR': 'T1w', 'T2w': 'T2w'}
     three = text({'01': _images(True, with_t2w=True)}, zoo_modalities=served)[1]
     assert 'Each T1w, FLAIR and T2w image' in three
-    assert 'T2w images were restored by the zoo of experts trained for T1w images' in three
+    assert 'FLAIR images were restored by the zoo of experts trained for T1w images' in three
+    assert 'T2w images were restored by' not in three
     assert 'restored T2w image to T1w space' in three
     assert 'T2w' not in default
     own = text({'01': _images(True, with_t2w=True)}, zoo_modalities={'T2w': 'T2w'})[1]
@@ -372,7 +373,7 @@ def test_participant_run_writes_bids_derivatives(full_run, assets):
     assert 'CAHAL' in citation and 'to Phantom space' in citation
     assert 'additionally resampled' in citation and 'FLAIR image to T1w space' in citation
     assert 'Each T1w, FLAIR and T2w image' in citation
-    assert 'T2w images were restored by the zoo of experts trained for T1w images' in citation
+    assert 'images were restored by the zoo of experts trained for' not in citation
     assert 'T2w image to T1w space' in citation
     anat = out / 'sub-01' / 'anat'
     expected = [
@@ -454,19 +455,21 @@ def test_sidecars_carry_provenance_and_routing(full_run):
     assert 0 < np.asarray(mask.dataobj).sum() < np.prod(mask.shape)
 
 
-def test_t2w_is_served_by_the_t1w_zoo_and_aligned_to_the_t1w(full_run, assets):
+def test_t2w_is_served_by_the_shipped_t2w_zoo_and_aligned_to_the_t1w(full_run, assets):
     from cahal_bids.core.hashing import file_sha256
+    from cahal_bids.engine.zoo import default_zoo_path
 
     anat = full_run['out'] / 'sub-01' / 'anat'
     sidecar = json.loads((anat / 'sub-01_desc-cahal_T2w.json').read_text())
     assert sidecar['Sources'] == ['bids:raw:sub-01/anat/sub-01_T2w.nii.gz']
     details = sidecar['CAHAL']
     assert details['route'] == 'T2w' and details['cell'] == 'V3A2'
-    zoo = assets['t1w_zoo'].resolve()
-    assert details['zoo']['modality'] == 'T1w' and details['zoo']['path'] == str(zoo)
+    # no T2w zoo among --zoo: the one the route table names, not the given T1w zoo
+    zoo = default_zoo_path('T2w')
+    assert details['zoo']['modality'] == 'T2w' and details['zoo']['path'] == str(zoo)
     assert details['zoo']['manifest_sha256'] == file_sha256(zoo / 'manifest.json')
     t1w = json.loads((anat / 'sub-01_desc-cahal_T1w.json').read_text())['CAHAL']
-    assert t1w['route'] == 'T1w' and t1w['zoo'] == details['zoo']
+    assert t1w['route'] == 'T1w' and t1w['zoo']['path'] == str(assets['t1w_zoo'].resolve())
     rigid = json.loads((anat / 'sub-01_from-T2w_to-T1w_mode-image_xfm.json').read_text())
     assert rigid['Registration']['stages'] == ['QuickRigid']
     t1w_uri = 'bids:raw:sub-01/anat/sub-01_T1w.nii.gz'
@@ -521,7 +524,7 @@ def test_reports_link_real_figures(full_run):
         assert f'<h3>sub-01_desc-cahal_{contrast}</h3>' in page
         assert f'sub-01_from-{contrast}_to-T1w_mode-image_xfm.txt' in page
         assert f'sub-01_space-T1w_desc-registration_{contrast}.png' in page
-    assert '<th>route</th><td>T2w (served by the T1w zoo)</td>' in page
+    assert '<th>route</th><td>T2w</td>' in page
     assert '<th>route</th><td>FLAIR</td>' in page
     assert 'consistency RMSE, CAHAL / trilinear' in page
 
@@ -626,10 +629,12 @@ def test_zoos_follow_the_route_table(assets, tmp_path):
     from cahal_bids.engine.zoo import ZooError, default_zoo_path
 
     t1w, flair = str(assets['t1w_zoo'].resolve()), str(assets['flair_zoo'].resolve())
-    zoos, ids, served = run._open_zoos([Path(t1w), Path(flair)], ['T1w', 'FLAIR', 'T2w'])
-    assert zoos == {'T1w': t1w, 'FLAIR': flair, 'T2w': t1w}  # the given T1w zoo serves T2w
-    assert served == {'T1w': 'T1w', 'FLAIR': 'FLAIR', 'T2w': 'T1w'}
-    assert ids['T2w'] == ids['T1w'] and ids['T1w'].startswith('test-zoo 0.0.0 ')
+    zoos, ids, served = run._open_zoos([Path(t1w)], ['T1w', 'FLAIR'])
+    assert zoos == {'T1w': t1w, 'FLAIR': t1w}  # the given T1w zoo serves FLAIR
+    assert served == {'T1w': 'T1w', 'FLAIR': 'T1w'}
+    assert ids['FLAIR'] == ids['T1w'] and ids['T1w'].startswith('test-zoo 0.0.0 ')
+    zoos, _, served = run._open_zoos([Path(t1w), Path(flair)], ['T1w', 'FLAIR'])
+    assert zoos == {'T1w': t1w, 'FLAIR': flair} and served['FLAIR'] == 'FLAIR'
     # a zoo trained for T2w serves T2w images, never T1w ones
     t2w = write_test_zoo(tmp_path / 'zoo-t2w', cells=['V4A1'], modality='T2w')
     zoos, _, served = run._open_zoos([Path(t1w), t2w], ['T1w', 'T2w'])
@@ -637,13 +642,14 @@ def test_zoos_follow_the_route_table(assets, tmp_path):
     assert served == {'T1w': 'T1w', 'T2w': 'T2w'}
     with pytest.raises(ZooError, match='a second --zoo for T1w'):
         run._open_zoos([Path(t1w), Path(t1w)], ['T1w'])
-    # no zoo given for a contrast: the shipped zoo the route table names
+    # no zoo given for a contrast: the shipped zoo the route table names (for T2w its own,
+    # never a given T1w zoo)
     try:
         shipped = str(default_zoo_path('T2w'))
     except ZooError as error:
         pytest.skip(str(error))
-    zoos, _, served = run._open_zoos([Path(flair)], ['FLAIR', 'T2w'])
-    assert zoos == {'FLAIR': flair, 'T2w': shipped} and served['T2w'] == 'T1w'
+    zoos, _, served = run._open_zoos([Path(t1w), Path(flair)], ['T1w', 'FLAIR', 'T2w'])
+    assert zoos == {'T1w': t1w, 'FLAIR': flair, 'T2w': shipped} and served['T2w'] == 'T2w'
 
 
 @pytest.mark.parametrize(
@@ -713,7 +719,9 @@ def test_run_configuration_is_saved_with_the_logs(full_run):
     assert config.template == 'Phantom'
     assert config.sloppy is True and config.output_spaces is True
     assert sorted(config.zoos) == ['FLAIR', 'T1w', 'T2w']
-    assert config.zoos['T2w'] == config.zoos['T1w']  # the --zoo of T1w serves T2w too
+    # no --zoo for T2w: the shipped T2w zoo, never the given T1w one
+    assert config.zoos['T2w'] not in (config.zoos['T1w'], config.zoos['FLAIR'])
+    assert Path(config.zoos['T2w']).name == 't2w'
     assert config.modalities == ['T1w', 'FLAIR', 'T2w']
     assert os.path.isabs(config.work_dir)
 

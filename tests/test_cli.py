@@ -162,16 +162,16 @@ def test_train_fit_precision_defaults_to_auto_and_rejects_fp16(capsys):
     assert "'fp16'" in capsys.readouterr().err
 
 
-def test_enhance_t2w_is_served_by_the_t1w_zoo_and_says_so(make_nifti, make_zoo, tmp_path):
+def test_enhance_flair_is_served_by_the_t1w_zoo_and_says_so(make_nifti, make_zoo, tmp_path):
     from cahal_bids.core.hashing import file_sha256
 
     source = make_nifti(shape=(12, 10, 5), zooms=(1.0, 1.0, 4.0))
     zoo = make_zoo('zoo-t1w', cells=['V4A1'])
-    out = tmp_path / 'sub-01_desc-cahal_T2w.nii.gz'
-    argv = [str(source), str(out), '--modality', 'T2w', '--zoo', str(zoo), '-q']
+    out = tmp_path / 'sub-01_desc-cahal_FLAIR.nii.gz'
+    argv = [str(source), str(out), '--modality', 'FLAIR', '--zoo', str(zoo), '-q']
     assert enhance.main(argv) == 0
-    sidecar = json.loads(out.with_name('sub-01_desc-cahal_T2w.json').read_text())
-    assert sidecar['route'] == 'T2w'
+    sidecar = json.loads(out.with_name('sub-01_desc-cahal_FLAIR.json').read_text())
+    assert sidecar['route'] == 'FLAIR'
     assert sidecar['zoo'] == {
         'name': 'test-zoo',
         'version': '0.0.0',
@@ -188,11 +188,11 @@ def test_enhance_t2w_is_served_by_the_t1w_zoo_and_says_so(make_nifti, make_zoo, 
     np.testing.assert_array_equal(nib.load(out).get_fdata(), nib.load(as_t1w).get_fdata())
 
 
-def test_enhance_t2w_defaults_to_the_shipped_t1w_zoo(make_nifti, tmp_path, one_thread):
+def test_enhance_t2w_defaults_to_the_shipped_t2w_zoo(make_nifti, tmp_path, one_thread):
     from cahal_bids.engine.zoo import Zoo, ZooError, default_zoo_path
 
     try:
-        shipped = Zoo.open(default_zoo_path('T1w'))
+        shipped = Zoo.open(default_zoo_path('T2w'))
     except ZooError as error:
         pytest.skip(str(error))
     source = make_nifti(shape=(12, 10, 5), zooms=(1.0, 1.0, 4.0))
@@ -200,7 +200,7 @@ def test_enhance_t2w_defaults_to_the_shipped_t1w_zoo(make_nifti, tmp_path, one_t
     assert enhance.main([str(source), str(out), '--modality', 'T2w', '-q', '--threads', '1']) == 0
     sidecar = json.loads((tmp_path / 'o.json').read_text())
     assert sidecar['route'] == 'T2w'
-    assert sidecar['zoo']['name'] == shipped.name and sidecar['zoo']['modality'] == 'T1w'
+    assert sidecar['zoo']['name'] == shipped.name and sidecar['zoo']['modality'] == 'T2w'
     assert sidecar['zoo']['manifest_sha256'] == shipped.manifest_sha256
 
 
@@ -208,9 +208,13 @@ def test_enhance_refuses_a_zoo_that_does_not_serve_the_route(make_nifti, make_zo
     source = make_nifti(shape=(12, 10, 5), zooms=(1.0, 1.0, 4.0))
     flair = make_zoo('zoo-flair', cells=['V4A1'], modality='FLAIR')
     t2w = make_zoo('zoo-t2w', cells=['V4A1'], modality='T2w')
+    t1w = make_zoo('zoo-t1w', cells=['V4A1'])
     for zoo, modality, message in (
         (flair, 'T2w', 'trained for FLAIR, not T2w (a T2w image is restored by a zoo trained '
-                       'for T2w or T1w)'),
+                       'for T2w)'),
+        (t1w, 'T2w', 'trained for T1w, not T2w'),
+        (t2w, 'FLAIR', 'trained for T2w, not FLAIR (a FLAIR image is restored by a zoo '
+                       'trained for FLAIR or T1w)'),
         (t2w, 'T1w', 'trained for T2w, not T1w'),
     ):  # fmt: skip
         argv = [str(source), str(source.with_name('o.nii.gz')), '--zoo', str(zoo)]

@@ -100,6 +100,36 @@ def test_model_card_says_where_each_expert_started(tmp_path, make_zoo):
     assert 'training precision: fp32 (V1A3), 38 fp32 + 82 bf16 steps (V2A3), bf16 (V3A1)' in card
 
 
+def test_model_card_names_the_augmentations_and_contrasts_of_the_run(tmp_path, make_zoo):
+    zoo = make_zoo(cells=['V1A3'])
+    manifest_path = zoo / 'manifest.json'
+    manifest = json.loads(manifest_path.read_text())
+    evaluation = _empty_evaluation(tmp_path)
+    runs = {
+        'plain': {'init_zoo': 'old-zoo 0.1', 'data': []},
+        'augmented': {
+            'init_zoo': 'old-zoo 0.1', 'init_from': 'same-cell', 'data': [],
+            'ground_truth_blur': 0.6, 'contrast_augmentation': 0.3,
+            'head_coverage_augmentation': 0.25, 'contrasts': ['T2w'],
+        },
+    }  # fmt: skip
+    cards = {}
+    for name, training in runs.items():
+        manifest['training'] = training
+        manifest_path.write_text(json.dumps(manifest))
+        cards[name] = write_model_card(zoo, evaluation, commands=[], data_credits=[]).read_text()
+    assert '- augmentation: gain, gamma, bias field, flips\n' in cards['plain']
+    assert 'fine-tuned along the curriculum' in cards['plain']
+    augmented = cards['augmented']
+    assert 'fine-tuned each from the same cell of an existing zoo' in augmented
+    assert 'ground-truth blur (Gaussian, sigma up to 0.6 voxel per axis' in augmented
+    assert 'contrast remapping (a random monotonic or non-monotonic intensity curve, 30% of' in (
+        augmented
+    )
+    assert 'head coverage (skull-stripped with the brain mask, 25% of the crops)' in augmented
+    assert 'ground truths of T2w only' in augmented
+
+
 def test_model_card_names_the_runs_of_a_merged_zoo(tmp_path, make_zoo):
     from cahal_bids.engine.zoo import Zoo
     from cahal_bids.training.zoo_merge import merge_zoos

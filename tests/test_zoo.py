@@ -17,6 +17,7 @@ from cahal_bids.engine.zoo import (
     default_zoo_path,
     file_sha256,
     nearest_trained_cell,
+    route_table_text,
     serving_modalities,
     write_zoo,
 )
@@ -194,21 +195,25 @@ def test_default_zoo_missing_is_clear(monkeypatch):
         default_zoo_path('PD')
 
 
-def test_route_table_sends_t2w_and_flair_to_the_t1w_zoo():
-    for route in ('T2w', 'FLAIR'):
-        assert SHIPPED_ZOOS[route] == SHIPPED_ZOOS['T1w'] and route in ROUTED_MODALITIES
-        assert default_zoo_path(route) == default_zoo_path('T1w')
-        assert serving_modalities(route) == (route, 'T1w')
+def test_route_table_sends_flair_to_the_t1w_zoo_and_t2w_to_its_own():
+    assert SHIPPED_ZOOS == {'T1w': 't1w', 'FLAIR': 't1w', 'T2w': 't2w'}
+    assert ROUTED_MODALITIES == ('T1w', 'FLAIR', 'T2w')
+    assert default_zoo_path('FLAIR') == default_zoo_path('T1w')
+    assert default_zoo_path('T2w').name == 't2w'
+    assert serving_modalities('FLAIR') == ('FLAIR', 'T1w')
+    assert serving_modalities('T2w') == ('T2w',)
     # lent one way only: neither a T2w nor a FLAIR zoo ever serves T1w images
     assert serving_modalities('T1w') == ('T1w',)
     assert serving_modalities('PD') == ('PD',)
+    assert route_table_text() == 'T1w by the T1w zoo, FLAIR by the T1w zoo, T2w by the T2w zoo'
 
 
 def test_a_zoo_serves_its_own_route_and_those_the_table_lends_it(tiny_zoo, tmp_path):
     zoo = Zoo.open(tiny_zoo)
     zoo.check_serves('T1w')
-    zoo.check_serves('T2w')
     zoo.check_serves('FLAIR')
+    with pytest.raises(ZooError, match='trained for T1w, not T2w'):
+        zoo.check_serves('T2w')  # T2w has a zoo of its own in the route table
     with pytest.raises(ZooError, match='trained for T1w, not PD'):
         zoo.check_serves('PD')
     manifest = json.loads((tiny_zoo / MANIFEST_NAME).read_text())
@@ -216,8 +221,9 @@ def test_a_zoo_serves_its_own_route_and_those_the_table_lends_it(tiny_zoo, tmp_p
     (tiny_zoo / MANIFEST_NAME).write_text(json.dumps(manifest))
     t2w = Zoo.open(tiny_zoo)
     t2w.check_serves('T2w')
-    with pytest.raises(ZooError, match='trained for T2w, not T1w'):
-        t2w.check_serves('T1w')
+    for route in ('T1w', 'FLAIR'):
+        with pytest.raises(ZooError, match=f'trained for T2w, not {route}'):
+            t2w.check_serves(route)
     assert t2w.record() == {
         'name': 'test-zoo',
         'version': '0.0.1',

@@ -22,7 +22,7 @@ from cahal_bids.cli.common import (
     report_error,
     routed_contrast,
 )
-from cahal_bids.engine.zoo import ROUTED_MODALITIES
+from cahal_bids.engine.zoo import ROUTED_MODALITIES, route_table_text
 
 PROG = 'cahal-enhance'
 
@@ -39,9 +39,9 @@ def build_parser():
     parser = make_parser(
         PROG,
         'Restore a low-resolution T1w, FLAIR or T2w image to 1 mm isotropic in its own '
-        'native space with one CAHAL expert chosen from its voxel size. T2w images are '
-        'restored by the T1w zoo until a T2w zoo is validated (the sidecar records the '
-        'route and the zoo that served it).\n\n'
+        'native space with one CAHAL expert chosen from its voxel size. The shipped zoos '
+        f'restore {route_table_text()} (the sidecar records the route and the zoo that '
+        'served it).\n\n'
         "The output keeps the input's voxel axes and field-of-view corner, with 1 mm "
         'spacing and round(n * r) voxels per axis. Images already at 1 mm or finer are '
         'written unchanged.',
@@ -58,14 +58,14 @@ def build_parser():
         type=routed_contrast,
         choices=ROUTED_MODALITIES,
         default='T1w',
-        help='contrast of the input (its route); selects the shipped zoo, T1w for T2w '
+        help='contrast of the input (its route); selects the shipped zoo that restores it '
         '(default: %(default)s)',
     )
     parser.add_argument(
         '--zoo',
         type=Path,
         help="an expert zoo folder instead of the shipped one; its manifest's modality must "
-        'be the contrast of the input, or T1w for a T2w input',
+        "be the contrast of the input, or that of the shipped zoo the input's route uses",
     )
     parser.add_argument(
         '--device',

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cahal_bids.cli.common import make_parser, positive_int, routed_contrast
-from cahal_bids.engine.zoo import ROUTED_MODALITIES
+from cahal_bids.engine.zoo import ROUTED_MODALITIES, route_table_text
 
 __all__ = [
     'PROG',
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         PROG,
         'Restore the low-resolution T1w, FLAIR and T2w images of a BIDS dataset to 1 mm in '
         'native space with CAHAL, register them to a template, and write BIDS derivatives. '
-        'T2w images are restored by the T1w zoo until a T2w zoo is validated.',
+        f'The shipped zoos restore {route_table_text()}.',
     )
     parser.add_argument('bids_dir', type=Path, help='the root folder of a BIDS dataset')
     parser.add_argument('output_dir', type=Path, help='where derivatives are written')
@@ -92,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ROUTED_MODALITIES,
         default=list(ROUTED_MODALITIES),
         metavar='SUFFIX',
-        help='which images to enhance, by BIDS suffix: %(choices)s (default: all); T2w '
-        'images are restored by the T1w zoo',
+        help='which images to enhance, by BIDS suffix: %(choices)s (default: all)',
     )
     select.add_argument(
         *_both_spellings('skip-bids-validation'),
@@ -165,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=[],
         metavar='PATH',
-        help='expert zoo folder(s); each manifest names its modality, and a T1w zoo also '
-        'serves T2w images unless a T2w zoo is given (default: shipped zoos)',
+        help='expert zoo folder(s); each manifest names its modality and serves that '
+        'contrast, and also the contrasts the route table sends to a shipped zoo of that '
+        'modality unless a zoo of their own is given (default: shipped zoos)',
     )
     processing.add_argument(
         *_both_spellings('no-denoise'),

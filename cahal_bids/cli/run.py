@@ -328,8 +328,9 @@ def _open_zoos(paths: Sequence[Path], routes: Sequence[str]) -> tuple[dict, dict
 
     Each ``--zoo`` serves the contrast its manifest names. A route takes the given zoo of
     its own contrast, else a given zoo that the route table lends it (a T1w zoo serves
-    T2w images, :func:`~cahal_bids.engine.zoo.serving_modalities`), else the shipped zoo
-    that the route table names.
+    FLAIR images while the table sends FLAIR to the T1w zoo,
+    :func:`~cahal_bids.engine.zoo.serving_modalities`), else the shipped zoo that the route
+    table names.
     """
     from cahal_bids.engine.zoo import Zoo, ZooError, default_zoo_path, serving_modalities
 
@@ -349,7 +350,7 @@ def _open_zoos(paths: Sequence[Path], routes: Sequence[str]) -> tuple[dict, dict
             zoo = candidates[0]
         else:
             folder = default_zoo_path(route)
-            if folder not in shipped:  # T1w and T2w share one: check its weights once
+            if folder not in shipped:  # routes that share a zoo: check its weights once
                 shipped[folder] = Zoo.open(folder)
             zoo = shipped[folder]
         zoo.check_serves(route)

@@ -215,7 +215,7 @@ class Enhancer:
     zoo
         ``'T1w'``, ``'FLAIR'`` or ``'T2w'``: the zoo shipped with the package for that
         contrast (:func:`~cahal_bids.engine.zoo.default_zoo_path`; the route table sends
-        T2w to the T1w zoo), serving images of that contrast; any other string or path:
+        FLAIR to the T1w zoo), serving images of that contrast; any other string or path:
         the zoo folder there (write ``'./T1w'`` for a folder of that name); or an
         opened :class:`~cahal_bids.engine.zoo.Zoo`, used as it is. The zoo is opened
         (and every expert's sha256 checked) once, here.
@@ -239,7 +239,7 @@ class Enhancer:
         the sidecar as ``route`` beside the zoo; None (default): the contrast named by
         ``zoo`` (``Enhancer('T2w')``), else the zoo's own modality.
         A zoo serves its own modality and the routes that the route table lends it
-        (:func:`~cahal_bids.engine.zoo.serving_modalities`: a T1w zoo serves T2w
+        (:func:`~cahal_bids.engine.zoo.serving_modalities`: a T1w zoo serves FLAIR
         images); any other contrast raises :class:`~cahal_bids.engine.zoo.ZooError`.
     consistency_projection
         After the expert, project the restored image onto the images that acquire

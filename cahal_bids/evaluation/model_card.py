@@ -29,6 +29,28 @@ def _mean_by_method(cases: Sequence[Mapping[str, Any]], metric: str) -> dict[str
     return {method: float(np.mean(found)) for method, found in values.items()}
 
 
+def _augmentation_line(training: dict[str, Any]) -> str:
+    """The training record's augmentations, in words (those a run did not use are left out)."""
+    blur = training.get('ground_truth_blur') or 0
+    contrast = training.get('contrast_augmentation') or 0
+    head = training.get('head_coverage_augmentation') or 0
+    line = '- augmentation: gain, gamma, bias field, flips'
+    if blur:
+        line += (
+            f', ground-truth blur (Gaussian, sigma up to {blur} voxel per axis, half of the crops)'
+        )
+    if contrast:
+        line += (
+            f', contrast remapping (a random monotonic or non-monotonic intensity curve, '
+            f'{contrast:.0%} of the crops)'
+        )
+    if head:
+        line += f', head coverage (skull-stripped with the brain mask, {head:.0%} of the crops)'
+    if training.get('contrasts'):
+        line += f'; ground truths of {", ".join(training["contrasts"])} only'
+    return line
+
+
 def _expert_origins(experts: Mapping[str, Any]) -> str:
     """Where each expert started and how many steps it took, grouped, from provenance."""
     origins: dict[str, list[str]] = {}
@@ -151,17 +173,18 @@ def render_model_card(
     ]
     if training:
         if training.get('init_zoo'):
-            schedule = (
-                '- experts: fine-tuned along the curriculum (no generalist); '
-                + _expert_origins(experts)
+            how = (
+                'each from the same cell of an existing zoo'
+                if training.get('init_from') == 'same-cell'
+                else 'along the curriculum'
             )
+            schedule = f'- experts: fine-tuned {how} (no generalist); ' + _expert_origins(experts)
         else:
             schedule = (
                 f'- generalist: {training.get("generalist_steps")} steps (warm start: '
                 f'{training.get("warm_start") or "none"}), then each expert '
                 f'{training.get("steps_per_expert")} steps along the curriculum'
             )
-        blur = training.get('ground_truth_blur') or 0
         parts = training.get('merged_from', [])
         if parts:
             labels = {entry['zoo'] for entry in parts}
@@ -176,13 +199,7 @@ def render_model_card(
         lines += [
             f'- data: {len(training.get("data", []))} prepared volumes (see the credits below)',
             schedule,
-            '- augmentation: gain, gamma, bias field, flips'
-            + (
-                f', ground-truth blur (Gaussian, sigma up to {blur} voxel per axis, half of '
-                'the crops)'
-                if blur
-                else ''
-            ),
+            _augmentation_line(training),
             f'- patches {training.get("patch_size")}^3, batch {training.get("batch_size")}, '
             + (
                 f'learning rate {training.get("fine_tune_learning_rate")}'
