@@ -446,8 +446,8 @@ def test_eval_routes_tabulates_the_projection_beside_the_expert(
     assert code == 0, capsys.readouterr().err
     record = json.loads((out / 'split.json').read_text())
     plain = {row['image']: row for row in record['summary']}
-    projected = {row['image']: row for row in record['projection']['summary']}
-    assert record['projection']['method'] == 'cahal+projection'
+    projected = {row['image']: row for row in record['projections']['exact']['summary']}
+    assert record['projections']['exact']['method'] == 'cahal+projection'
     assert set(projected) == set(plain) == {'sub-01_T1w'}
     # the projection gives back what the acquisition saw: a random correction hurts less
     assert (
@@ -456,7 +456,7 @@ def test_eval_routes_tabulates_the_projection_beside_the_expert(
     )
     tables = (out / 'split.md').read_text()
     assert tables.count('| T1w | sub-01_T1w | T1w | own | 1 |') == 2
-    assert '## With --consistency-projection (method cahal+projection)' in tables
+    assert '## With projection exact (method cahal+projection)' in tables
 
 
 def test_eval_routes_needs_the_contrast_of_a_nifti_and_no_zoo(

@@ -65,7 +65,8 @@ def test_an_exact_restoration_scores_zero_and_trilinear_does_not():
     assert record['rmse_cahal'] < 1e-6 and record['rmse_expert'] == record['rmse_cahal']
     assert record['rmse_trilinear'] > 0.01
     assert record['ratio'] < 1e-4 and record['warning'] is False
-    assert record['projection'] is False and record['measure'] == CONSISTENCY_MEASURE
+    assert record['projection'] == 'off' and record['measure'] == CONSISTENCY_MEASURE
+    assert record['noise_sd'] is None and record['residual_kept'] is None
     # the measure by hand: box means of 3 slices against the acquired voxels, in the head
     again = truth.reshape(20, 18, 8, 3).mean(-1)
     difference = (trilinear.reshape(20, 18, 8, 3).mean(-1) - low)[inside]
@@ -176,7 +177,7 @@ def test_the_guard_warns_when_an_expert_over_corrects(tmp_path, make_nifti, zoos
     good = Enhancer(zoos['identity'], device='cpu').enhance_file(source, tmp_path / 'good.nii')
     record = good.sidecar['consistency']
     assert record['warning'] is False and record['ratio'] == pytest.approx(1.0, abs=1e-5)
-    assert record['rmse_trilinear'] > 0.01 and record['projection'] is False
+    assert record['rmse_trilinear'] > 0.01 and record['projection'] == 'off'
     assert not caplog.records
     bad = Enhancer(zoos['over'], device='cpu').enhance_file(source, tmp_path / 'bad.nii')
     record = bad.sidecar['consistency']
@@ -265,7 +266,7 @@ def test_the_projection_makes_the_output_consistent_on_the_same_grid(tmp_path, m
         source, tmp_path / 'projected.nii'
     )
     record = projected.sidecar['consistency']
-    assert record['projection'] is True
+    assert record['projection'] == 'exact'
     assert record['rmse_cahal'] < 1e-5
     assert record['rmse_expert'] == plain.sidecar['consistency']['rmse_expert']
     assert record['warning'] is True  # the guard still judges the expert's own output
@@ -284,9 +285,9 @@ def test_the_evaluation_compares_cahal_with_and_without_projection(make_zoo, mon
     enhancer = Enhancer(make_zoo('random', cells=['V4A1'], head_scale=0.5), device='cpu')
     calls = []
     restore = enhancer.restore
-    monkeypatch.setattr(enhancer, 'restore', lambda *a: calls.append(1) or restore(*a))
-    methods = cahal_methods(enhancer, projection=True)
-    assert list(methods) == ['cahal', 'cahal+projection']
+    monkeypatch.setattr(enhancer, 'restore', lambda *a, **k: calls.append(1) or restore(*a, **k))
+    methods = cahal_methods(enhancer, projections=('exact', 'adaptive'))
+    assert list(methods) == ['cahal', 'cahal+projection', 'cahal+adaptive']
     truth = _sharp_phantom((24, 20, 30))
     resolution = (1.0, 1.0, 4.0)
     _, low = degrade(torch.from_numpy(truth), resolution, return_low_resolution=True)
@@ -294,14 +295,22 @@ def test_the_evaluation_compares_cahal_with_and_without_projection(make_zoo, mon
     affine = np.diag([1.0, 1.0, 4.0, 1.0])
     plain = methods['cahal'](low, affine, resolution, truth.shape)
     projected = methods['cahal+projection'](low, affine, resolution, truth.shape)
-    assert len(calls) == 1  # one expert run serves both
+    adaptive = methods['cahal+adaptive'](low, affine, resolution, truth.shape)
+    assert len(calls) == 1  # one expert run serves all three
     assert plain.shape == projected.shape == truth.shape
     inside = Enhancer(enhancer.zoo, device='cpu', consistency_projection=True)
     direct, _, details = inside.restore(low, affine, route(resolution))
-    assert details['consistency']['projection'] is True
+    assert details['consistency']['projection'] == 'exact'
     span = float(direct.max() - direct.min())
     assert np.abs(direct[:24, :20, :30] - projected).max() < 1e-4 * span
     assert np.linalg.norm(projected - truth) < np.linalg.norm(plain - truth)
+    # the noise-free acquisition leaves the adaptive projection close to the exact one
+    assert np.linalg.norm(adaptive - truth) < np.linalg.norm(plain - truth)
+    inside = Enhancer(enhancer.zoo, device='cpu', consistency_projection='adaptive')
+    direct, _, details = inside.restore(low, affine, route(resolution))
+    assert details['consistency']['projection'] == 'adaptive'
+    assert 0.0 < details['consistency']['residual_kept'] <= 1.0
+    assert np.abs(direct[:24, :20, :30] - adaptive).max() < 1e-4 * span
 
 
 # --- the command lines ---------------------------------------------------------------------
@@ -309,13 +318,16 @@ def test_the_evaluation_compares_cahal_with_and_without_projection(make_zoo, mon
 
 def test_cahal_enhance_records_the_projection(tmp_path, make_nifti, zoos, capsys):
     source = _phantom_image(make_nifti)
-    for flag, expected in (('--consistency-projection', True), ('--consistency_projection', True),
-                           (None, False)):  # fmt: skip
-        out = tmp_path / f'{expected}{flag}.nii.gz'
+    for flags, expected in ((['--consistency-projection'], 'exact'),
+                            (['--consistency_projection'], 'exact'),
+                            (['--consistency-projection', 'adaptive'], 'adaptive'),
+                            (['--consistency-projection', 'off'], 'off'),
+                            ([], 'off')):  # fmt: skip
+        out = tmp_path / f'{expected}{len(flags)}{flags[:1]}.nii.gz'
         argv = [str(source), str(out), '--zoo', str(zoos['identity'].path), '--quiet']
-        assert enhance.main(argv + ([flag] if flag else [])) == 0, capsys.readouterr().err
+        assert enhance.main(argv + flags) == 0, capsys.readouterr().err
         sidecar = json.loads(out.with_name(out.name[: -len('.nii.gz')] + '.json').read_text())
-        assert sidecar['consistency']['projection'] is expected
+        assert sidecar['consistency']['projection'] == expected
 
 
 def test_cahal_bids_passes_the_projection_to_the_enhancement(tmp_path):
@@ -324,20 +336,25 @@ def test_cahal_bids_passes_the_projection_to_the_enhancement(tmp_path):
 
     parser = build_parser()
     for flag in ('--consistency-projection', '--consistency_projection'):
-        assert parser.parse_args(['d', 'o', 'participant', flag]).consistency_projection
-    assert not parser.parse_args(['d', 'o', 'participant']).consistency_projection
+        assert parser.parse_args(['d', 'o', 'participant', flag]).consistency_projection == 'exact'
+    adaptive = parser.parse_args(['d', 'o', 'participant', '--consistency-projection', 'adaptive'])
+    assert adaptive.consistency_projection == 'adaptive'
+    assert parser.parse_args(['d', 'o', 'participant']).consistency_projection == 'off'
+    with pytest.raises(SystemExit):
+        parser.parse_args(['d', 'o', 'participant', '--consistency-projection', 'always'])
     config = RunConfig(
         bids_dir='/d', output_dir='/o', analysis_level='participant', work_dir='/w',
-        consistency_projection=True,
+        consistency_projection='adaptive',
     )  # fmt: skip
-    assert RunConfig.load(config.save(tmp_path / 'c.toml')).consistency_projection is True
-    for projection in (False, True):
+    assert RunConfig.load(config.save(tmp_path / 'c.toml')).consistency_projection == 'adaptive'
+    for projection in ('off', 'adaptive', 'exact'):
         workflow = init_enhance_wf(
             modality='T1w', denoise=False, device='cpu', zoo='/zoo', omp_nthreads=1,
             consistency_projection=projection,
         )  # fmt: skip
-        assert workflow.get_node('enhance').inputs.consistency_projection is projection
-        assert ('projected onto its acquired data' in workflow.__desc__) is projection
+        assert workflow.get_node('enhance').inputs.consistency_projection == projection
+        assert ('projected onto its acquired data' in workflow.__desc__) == (projection == 'exact')
+        assert ('as far as the noise' in workflow.__desc__) == (projection == 'adaptive')
         assert 'consistency of each restored image' in workflow.__desc__
 
 
@@ -359,3 +376,62 @@ def test_cahal_eval_adds_the_projected_method(tmp_path, make_nifti, zoos, capsys
     assert cases['cahal+projection']['data_consistency'] < cases['cahal']['data_consistency']
     assert cases['cahal+projection']['psnr'] > cases['cahal']['psnr']
     assert '| cahal+projection |' in (out / 'tables.md').read_text()
+
+
+# --- the adaptive projection ---------------------------------------------------------------
+
+
+def _adaptive_case(noise_sd: float, error_sd: float, seed: int = 0):
+    grid = AcquiredGrid(shape=(24, 24, 8), resolution=(1.0, 1.0, 3.4), fine_shape=(24, 24, 27))
+    rng = np.random.default_rng(seed)
+    truth = torch.from_numpy(_sharp_phantom((24, 24, 27))).double()
+    acquired = grid.reacquire(truth) + noise_sd * torch.from_numpy(rng.normal(size=grid.shape))
+    smooth = torch.from_numpy(rng.normal(size=truth.shape)).double()
+    estimate = truth + error_sd * smooth
+    return grid, truth, acquired, estimate
+
+
+def test_without_noise_the_adaptive_projection_is_the_exact_one():
+    grid, _, acquired, estimate = _adaptive_case(0.0, 0.1)
+    moved, kept = grid.project_adaptive(estimate, acquired, 0.0)
+    assert kept == pytest.approx(1.0)
+    assert torch.allclose(moved, grid.project(estimate, acquired), atol=1e-9)
+    with pytest.raises(ValueError, match='noise_sd'):
+        grid.project_adaptive(estimate, acquired, -1.0)
+    with pytest.raises(ValueError, match='bands'):
+        grid.project_adaptive(estimate, acquired, 0.1, bands=0)
+
+
+def test_the_adaptive_projection_does_not_put_the_noise_back():
+    """A right estimate of a noisy acquisition stays put; the exact projection adds the noise."""
+    grid, truth, acquired, _ = _adaptive_case(0.05, 0.0)
+    moved, kept = grid.project_adaptive(truth, acquired, 0.05)
+    assert kept < 0.05
+    exact = grid.project(truth, acquired)
+    assert float((moved - truth).square().mean()) < 0.02 * float((exact - truth).square().mean())
+
+
+def test_the_adaptive_projection_corrects_what_stands_above_the_noise():
+    grid, truth, acquired, estimate = _adaptive_case(0.01, 0.3)
+    moved, kept = grid.project_adaptive(estimate, acquired, 0.01)
+    assert 0.5 < kept <= 1.0
+
+    def error(image):
+        return float((grid.reacquire(image) - grid.reacquire(truth)).square().mean())
+
+    # what the acquisition sees of the error is nearly gone; the rest is never made worse
+    assert error(moved) < 0.05 * error(estimate)
+    assert float((moved - truth).square().mean()) < float((estimate - truth).square().mean())
+
+
+def test_the_guard_records_the_adaptive_projection(tmp_path, make_nifti, zoos):
+    source = _phantom_image(make_nifti)
+    adaptive = Enhancer(zoos['over'], device='cpu', consistency_projection='adaptive')
+    result = adaptive.enhance_file(source, tmp_path / 'adaptive.nii')
+    record = result.sidecar['consistency']
+    assert record['projection'] == 'adaptive'
+    assert record['noise_sd'] is not None and 0.0 < record['residual_kept'] <= 1.0
+    assert record['rmse_cahal'] < record['rmse_expert']  # moved towards the acquired data
+    assert record['warning'] is True  # the guard still judges the expert's own output
+    with pytest.raises(ValueError, match='consistency_projection'):
+        Enhancer(zoos['over'], device='cpu', consistency_projection='always')

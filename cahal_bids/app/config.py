@@ -18,6 +18,7 @@ from typing import Any
 
 from cahal_bids import __version__
 from cahal_bids.core.atomic import write_text_atomic
+from cahal_bids.engine.consistency_guard import DEFAULT_PROJECTION
 from cahal_bids.engine.zoo import ROUTED_MODALITIES
 
 __all__ = ['RunConfig', 'dumps_toml', 'new_run_id']
@@ -49,7 +50,7 @@ class RunConfig:
     plugin_file: str = ''
     device: str = 'auto'
     precision: str = 'auto'
-    consistency_projection: bool = False
+    consistency_projection: str = DEFAULT_PROJECTION
     zoos: dict[str, str] = field(default_factory=dict)
     denoise: bool = True
     skip_registration: bool = False

@@ -257,9 +257,19 @@ def _consistency_rows(record: Mapping[str, Any]) -> list[tuple[str, Any]]:
             'lower is more consistent)',
         )
     ]
-    if record.get('projection'):
+    mode = record.get('projection')
+    if mode is True or mode == 'exact':
         rows.append(
             ('projected onto the acquired data', f'yes (expert {_number(record, "rmse_expert")})')
+        )
+    elif mode == 'adaptive':
+        rows.append(
+            (
+                'projected onto the acquired data',
+                f'as far as the noise allows (noise {_number(record, "noise_sd")}, '
+                f'{_number(record, "residual_kept")} of the residual kept; expert '
+                f'{_number(record, "rmse_expert")})',
+            )
         )
     return rows
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from cahal_bids import __version__
 
@@ -56,6 +57,23 @@ def routed_contrast(text: str) -> str:
         f'{text!r} has no route (no zoo restores {text} images); '
         f'the routed contrasts are {", ".join(ROUTED_MODALITIES)}'
     )
+
+
+def projection_option() -> dict[str, Any]:
+    """``add_argument`` keywords of ``--consistency-projection`` (cahal-enhance, cahal-bids)."""
+    from cahal_bids.engine.consistency_guard import DEFAULT_PROJECTION, PROJECTIONS
+
+    return {
+        'nargs': '?',
+        'choices': PROJECTIONS,
+        'const': 'exact',
+        'default': DEFAULT_PROJECTION,
+        'help': 'what follows the expert: off; adaptive, which moves the restored image '
+        'towards consistency with the acquired data (acquired again with the box '
+        'point-spread function) only as far as the noise estimated in the input allows; '
+        'or exact, which projects it onto the images that give back the input exactly, '
+        'noise included (the flag alone). Default: %(default)s; the sidecar records it',
+    }
 
 
 def report_error(prog: str, message: str) -> None:

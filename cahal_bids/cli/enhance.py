@@ -19,6 +19,7 @@ from cahal_bids.cli.common import (
     EXIT_USAGE,
     make_parser,
     positive_int,
+    projection_option,
     report_error,
     routed_contrast,
 )
@@ -102,10 +103,7 @@ def build_parser():
     parser.add_argument(
         '--consistency-projection',
         '--consistency_projection',
-        action='store_true',
-        help='project the restored image onto the acquired data, so that acquiring it again '
-        'with the box point-spread function gives back the input (default: off; the '
-        'sidecar records it)',
+        **projection_option(),
     )
     parser.add_argument('--quiet', '-q', action='store_true', help='no progress bar')
     return parser

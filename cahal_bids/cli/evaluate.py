@@ -33,6 +33,8 @@ import numpy as np
 from cahal_bids.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, make_parser, report_error
 from cahal_bids.cli.evaluation_inputs import prepared_entries
 from cahal_bids.core.modalities import MODALITIES
+from cahal_bids.engine.consistency_guard import DEFAULT_PROJECTION, PROJECTIONS
+from cahal_bids.evaluation.protocol import PROJECTION_METHODS
 
 PROG = 'cahal-eval'
 
@@ -129,8 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
         '--consistency-projection',
         '--consistency_projection',
         action='store_true',
-        help="also evaluate 'cahal+projection': CAHAL's output projected onto the acquired "
-        'data, as cahal-enhance --consistency-projection does (the same expert run)',
+        help="also evaluate 'cahal+projection': the expert's output projected exactly onto "
+        'the acquired data, as cahal-enhance --consistency-projection exact does (the same '
+        'expert run); the same as --projections exact',
+    )
+    parser.add_argument(
+        '--projections',
+        nargs='+',
+        choices=PROJECTIONS,
+        default=[],
+        metavar='MODE',
+        help="also evaluate these projection modes beside 'cahal' (which is cahal-enhance's "
+        f"default, {DEFAULT_PROJECTION}), from the same expert run: off ('"
+        f"{PROJECTION_METHODS['off']}'), adaptive ('{PROJECTION_METHODS['adaptive']}'), "
+        f"exact ('{PROJECTION_METHODS['exact']}')",
     )
     parser.add_argument(
         '--no-flat-check',
@@ -282,7 +296,7 @@ def _evaluate_cell(
         extra_methods=extra,
         segmenter=segmenter,
         on_estimates=lambda **found: [hook(**found) for hook in hooks],
-        consistency_projection=args.consistency_projection,
+        projections=args.projections,
     )
     folder.mkdir(parents=True, exist_ok=True)
     if registration is not None and registration_rows is not None:
@@ -321,6 +335,8 @@ def _summary_from_dicts(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.consistency_projection and 'exact' not in args.projections:
+        args.projections = [*args.projections, 'exact']
     if args.routes:
         from cahal_bids.cli.evaluate_split import evaluate_routes
 
@@ -339,7 +355,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     from cahal_bids.engine.zoo import Zoo, default_zoo_path
     from cahal_bids.evaluation.external_methods import command_method, parse_method_spec
     from cahal_bids.evaluation.protocol import (
-        PROJECTED_METHOD,
         markdown_tables,
         mean_dice,
         volumetric_bias,
@@ -397,7 +412,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     # the built-in projection is part of what makes a finished cell reusable
     compared = {
         **templates,
-        **({PROJECTED_METHOD: 'built-in'} if args.consistency_projection else {}),
+        'cahal': f'built-in, projection {enhancer.consistency_projection}',
+        **{PROJECTION_METHODS[mode]: 'built-in' for mode in args.projections},
     }
     rows: list[dict[str, Any]] = []
     progress = None if args.quiet else (lambda text: print(text, file=sys.stderr))
@@ -464,7 +480,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         lesion_methods = {
             'trilinear': trilinear,
             'cubic': cubic_bspline,
-            **cahal_methods(enhancer, projection=args.consistency_projection),
+            **cahal_methods(enhancer, projections=args.projections),
             **extra,
         }
         for entry in entries:

@@ -5,7 +5,8 @@ The images (of any contrast) are prepared once, then the usual protocol runs for
 like any ``cahal-eval`` output); ``OUT/split.md`` and ``OUT/split.json`` hold the tables of
 :mod:`cahal_bids.evaluation.split`: per route and image the mean gains over trilinear and
 cubic and the cells below each, own contrast and cross-contrast, then every cell; with
-``--consistency-projection`` the same tables again for the projected restorations.
+``--projections`` (or ``--consistency-projection``) the same tables again for each other
+projection of the same restorations.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def evaluate_routes(
     from cahal_bids.core.atomic import write_json_atomic, write_text_atomic
     from cahal_bids.core.errors import CahalError
     from cahal_bids.engine.zoo import default_zoo_path
-    from cahal_bids.evaluation.protocol import PROJECTED_METHOD
+    from cahal_bids.evaluation.protocol import PROJECTION_METHODS
     from cahal_bids.evaluation.split import cell_gains, split_summary, split_tables
     from cahal_bids.training.preparation import prepare_image
     from cahal_bids.training.prepared import PreparedVolume
@@ -117,19 +118,17 @@ def evaluate_routes(
         'summary': split_summary(results, contrasts),
         'cells': {route: cell_gains(rows) for route, rows in results.items()},
     }  # fmt: skip
-    if args.consistency_projection:
-        # the same restorations projected onto the acquired data: the decision whether the
-        # projection becomes the default is read from these two tables side by side
-        tables += (
-            f'\n## With --consistency-projection (method {PROJECTED_METHOD})\n\n'
-            + split_tables(results, contrasts, method=PROJECTED_METHOD)
+    for mode in args.projections:
+        # the same restorations, projected otherwise: the decision which projection is the
+        # default is read from these tables side by side
+        method = PROJECTION_METHODS[mode]
+        tables += f'\n## With projection {mode} (method {method})\n\n' + split_tables(
+            results, contrasts, method=method
         )
-        written['projection'] = {
-            'method': PROJECTED_METHOD,
-            'summary': split_summary(results, contrasts, method=PROJECTED_METHOD),
-            'cells': {
-                route: cell_gains(rows, method=PROJECTED_METHOD) for route, rows in results.items()
-            },
+        written.setdefault('projections', {})[mode] = {
+            'method': method,
+            'summary': split_summary(results, contrasts, method=method),
+            'cells': {route: cell_gains(rows, method=method) for route, rows in results.items()},
         }
     write_text_atomic(args.out / 'split.md', tables)
     write_json_atomic(args.out / 'split.json', written)

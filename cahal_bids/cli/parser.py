@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cahal_bids.cli.common import make_parser, positive_int, routed_contrast
+from cahal_bids.cli.common import make_parser, positive_int, projection_option, routed_contrast
 from cahal_bids.engine.zoo import ROUTED_MODALITIES, route_table_text
 
 __all__ = [
@@ -177,9 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     processing.add_argument(
         *_both_spellings('consistency-projection'),
         dest='consistency_projection',
-        action='store_true',
-        help='project each restored image onto its acquired data, so that acquiring it '
-        'again with the box point-spread function gives back the input (default: off)',
+        **projection_option(),
     )
     processing.add_argument(
         *_both_spellings('skip-registration'),

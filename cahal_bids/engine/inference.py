@@ -37,6 +37,7 @@ from cahal_bids import __version__
 from cahal_bids.core.atomic import write_json_atomic
 from cahal_bids.core.errors import CahalError
 from cahal_bids.core.routing import Route, route
+from cahal_bids.engine.consistency_guard import DEFAULT_PROJECTION, projection_mode
 
 if TYPE_CHECKING:
     import nibabel
@@ -242,12 +243,18 @@ class Enhancer:
         (:func:`~cahal_bids.engine.zoo.serving_modalities`: a T1w zoo serves FLAIR
         images); any other contrast raises :class:`~cahal_bids.engine.zoo.ZooError`.
     consistency_projection
-        After the expert, project the restored image onto the images that acquire
-        exactly as the input (box point-spread function, least-squares nearest;
+        What follows the expert (one of
+        :data:`~cahal_bids.engine.consistency_guard.PROJECTIONS`; default
+        :data:`~cahal_bids.engine.consistency_guard.DEFAULT_PROJECTION`). ``'exact'``
+        projects the restored image onto the images that acquire exactly as the input
+        (box point-spread function, least-squares nearest;
         :meth:`~cahal_bids.physics.consistency.AcquiredGrid.project`): re-acquiring the
         output then reproduces the input, with its sub-millimetre axes area-averaged to
-        1 mm, to float32 rounding. Off by default; the sidecar's
-        ``consistency.projection`` records it.
+        1 mm, to float32 rounding, noise included. ``'adaptive'`` moves it towards those
+        images only as far as the noise estimated in the input allows
+        (:meth:`~cahal_bids.physics.consistency.AcquiredGrid.project_adaptive`);
+        ``'off'`` keeps the expert's output. ``True`` and ``False`` mean ``'exact'``
+        and ``'off'``. The sidecar's ``consistency.projection`` records it.
     """
 
     def __init__(
@@ -260,7 +267,7 @@ class Enhancer:
         progress: bool = False,
         precision: str = 'auto',
         contrast: str | None = None,
-        consistency_projection: bool = False,
+        consistency_projection: str | bool = DEFAULT_PROJECTION,
     ) -> None:
         if tile_size is not None and tile_size < 8:
             raise ValueError(f'tile_size must be at least 8 voxels, got {tile_size}')
@@ -273,7 +280,7 @@ class Enhancer:
         self.tile_size = tile_size
         self.overlap = overlap
         self.progress = progress
-        self.consistency_projection = bool(consistency_projection)
+        self.consistency_projection = projection_mode(consistency_projection)
         self._experts: dict[str, ResidualUNet3D] = {}
         if contrast is None:
             from cahal_bids.engine.zoo import ROUTED_MODALITIES
@@ -380,7 +387,8 @@ class Enhancer:
         from cahal_bids.engine.tiling import available_memory_bytes
 
         voxels = int(np.prod(shape))
-        copies = OUTPUT_COPIES + (PROJECTION_COPIES if self.consistency_projection else 0)
+        projecting = self.consistency_projection != 'off'
+        copies = OUTPUT_COPIES + (PROJECTION_COPIES if projecting else 0)
         needed = voxels * 4 * copies
         available = available_memory_bytes('cpu')
         if needed > available:
@@ -390,11 +398,17 @@ class Enhancer:
             )
 
     def restore(
-        self, data: np.ndarray, affine: np.ndarray, decision: Route
+        self,
+        data: np.ndarray,
+        affine: np.ndarray,
+        decision: Route,
+        *,
+        projection: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Restore one validated array; returns (1 mm data, its affine, run details).
 
         The details hold the consistency guard's record under ``consistency``.
+        ``projection`` overrides the enhancer's ``consistency_projection`` for this call.
         """
         import torch
 
@@ -454,7 +468,7 @@ class Enhancer:
                 acquired,
                 acquired_grid,
                 None if head_level is None else acquired > head_level,
-                project=self.consistency_projection,
+                projection=self.consistency_projection if projection is None else projection,
             )
             restored_ras = np.ascontiguousarray(restored_ras.numpy())
             tile_used = tuple(tile_used[axis] for axis in inverse(order))
@@ -543,7 +557,8 @@ class Enhancer:
             return
         name = provenance.get('input') or 'the in-memory image'
         ratio = 'n/a' if record['ratio'] is None else f'{record["ratio"]:.3g}'
-        before = ', before its projection onto the acquired data,' if record['projection'] else ''
+        projected = record['projection'] not in (False, 'off')
+        before = ', before its projection onto the acquired data,' if projected else ''
         message = (
             f'the restored image{before} agrees less with the acquired data than trilinear '
             f'interpolation (re-acquisition RMSE {record["rmse_expert"]:.4g} against '

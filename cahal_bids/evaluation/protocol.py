@@ -51,7 +51,10 @@ if TYPE_CHECKING:
     from cahal_bids.engine.segmenter import TissueSegmenter
 
 __all__ = [
+    'ADAPTIVE_METHOD',
     'PROJECTED_METHOD',
+    'PROJECTION_METHODS',
+    'UNPROJECTED_METHOD',
     'EvaluationCase',
     'acquire',
     'cahal_method',
@@ -139,40 +142,69 @@ def cubic_bspline(
 
 
 PROJECTED_METHOD = 'cahal+projection'
-"""The evaluation method of CAHAL's output projected onto the acquired data."""
+"""The evaluation method of CAHAL's output projected exactly onto the acquired data."""
+
+UNPROJECTED_METHOD = 'cahal-unprojected'
+"""The evaluation method of the expert's output alone (no projection of any kind)."""
+
+ADAPTIVE_METHOD = 'cahal+adaptive'
+"""The evaluation method of the expert's output with the adaptive projection."""
+
+PROJECTION_METHODS = {'off': UNPROJECTED_METHOD, 'exact': PROJECTED_METHOD,
+                      'adaptive': ADAPTIVE_METHOD}  # fmt: skip
+"""The method that names each projection when it is evaluated beside ``cahal``."""
 
 
-def cahal_methods(enhancer: Enhancer, *, projection: bool = False) -> dict[str, Method]:
+def cahal_methods(enhancer: Enhancer, *, projections: Sequence[str] = ()) -> dict[str, Method]:
     """CAHAL as evaluation methods: route the simulated resolution, restore, crop.
 
-    ``{'cahal': ...}``, and with ``projection`` also ``'cahal+projection'``: the same
-    restored image projected onto the acquired data
-    (:func:`~cahal_bids.engine.consistency_guard.project_onto_acquired`). The expert
-    runs once per low-resolution image: the second method reuses the first's result
-    when it is called with the same ``low`` array (as :func:`evaluate_volume` does),
-    and restores afresh otherwise.
+    ``'cahal'`` is what ``enhancer`` returns, its ``consistency_projection`` included;
+    each other mode in ``projections`` adds a method (:data:`PROJECTION_METHODS`: the
+    expert alone, ``'cahal+projection'``, ``'cahal+adaptive'``). The expert runs once per
+    low-resolution image, without projection; every method projects that output afterwards
+    (:func:`~cahal_bids.engine.consistency_guard.project_onto_acquired`, equal to the
+    enhancer's own projection to float32 rounding). Methods reuse the expert's output
+    when called with the same ``low`` array (as :func:`evaluate_volume` does) and restore
+    afresh otherwise.
     """
+    from cahal_bids.core.normalization import RobustScale
+    from cahal_bids.engine.consistency_guard import project_onto_acquired
+
     last: dict[str, Any] = {}
 
     def restore(low, affine, resolution):
         if last.get('low') is not low:
-            restored, _, _ = enhancer.restore(low, affine, route(resolution))
+            restored, _, _ = enhancer.restore(low, affine, route(resolution), projection='off')
             last.clear()
-            last.update(low=low, restored=restored)
+            last.update(low=low, restored=restored, projected={})
         return last['restored']
 
-    def cahal(low, affine, resolution, shape):
-        return restore(low, affine, resolution)[: shape[0], : shape[1], : shape[2]]
-
-    methods: dict[str, Method] = {'cahal': cahal}
-    if projection:
-        from cahal_bids.engine.consistency_guard import project_onto_acquired
-
-        def projected(low, affine, resolution, shape):
-            restored = project_onto_acquired(restore(low, affine, resolution), low, affine)
+    def method(mode: str) -> Method:
+        def run(low, affine, resolution, shape):
+            restored = restore(low, affine, resolution)
+            if mode != 'off':
+                if mode not in last['projected']:
+                    scaler = RobustScale.from_config(enhancer.zoo.normalization, low)
+                    last['projected'][mode] = project_onto_acquired(
+                        restored,
+                        low,
+                        affine,
+                        projection=mode,
+                        head_fraction=scaler.head_fraction,
+                        reference_percentile=scaler.head_reference_percentile,
+                    )
+                restored = last['projected'][mode]
             return restored[: shape[0], : shape[1], : shape[2]]
 
-        methods[PROJECTED_METHOD] = projected
+        return run
+
+    methods: dict[str, Method] = {'cahal': method(enhancer.consistency_projection)}
+    for mode in projections:
+        if mode not in PROJECTION_METHODS:
+            expected = list(PROJECTION_METHODS)
+            raise ValueError(f'unknown projection {mode!r}; expected one of {expected}')
+        if mode != enhancer.consistency_projection:
+            methods[PROJECTION_METHODS[mode]] = method(mode)
     return methods
 
 
@@ -293,19 +325,20 @@ def evaluate_volume(
     progress: Callable[[str], None] | None = None,
     segmenter: TissueSegmenter | None = None,
     on_estimates: EstimatesHook | None = None,
-    consistency_projection: bool = False,
+    projections: Sequence[str] = (),
 ) -> list[EvaluationCase]:
     """Run the protocol on one prepared ground truth; returns every case.
 
     Seeds depend on the cell's place in the full grid, not in ``cells``, so running
     the cells one at a time (as a resumable run does) gives the same cases.
-    ``consistency_projection`` adds the method ``cahal+projection`` (with an enhancer).
+    ``projections`` adds a method per projection mode (with an enhancer; see
+    :func:`cahal_methods`).
     """
     mask = head_mask.astype(bool)
     data_range = float(truth[mask].max() - truth[mask].min())
     methods: dict[str, Method] = {'trilinear': trilinear, 'cubic': cubic_bspline}
     if enhancer is not None:
-        methods.update(cahal_methods(enhancer, projection=consistency_projection))
+        methods.update(cahal_methods(enhancer, projections=projections))
     methods.update(extra_methods or {})
     truth_labels = None
     if segmenter is not None:

@@ -16,6 +16,12 @@ from nipype.interfaces.base import (
 )
 
 from cahal_bids.core.nifti import nifti_stem
+from cahal_bids.engine.consistency_guard import DEFAULT_PROJECTION, PROJECTIONS
+
+# traits.Enum's default is its first value
+PROJECTIONS_DEFAULT_FIRST = (DEFAULT_PROJECTION,) + tuple(
+    mode for mode in PROJECTIONS if mode != DEFAULT_PROJECTION
+)
 
 __all__ = ['CahalEnhance', 'DenoiseImage']
 
@@ -65,8 +71,11 @@ class _CahalEnhanceInputSpec(BaseInterfaceInputSpec):
     precision = traits.Enum(
         'auto', 'fp32', 'bf16', usedefault=True, desc='expert arithmetic (auto: bf16 if native)'
     )
-    consistency_projection = traits.Bool(
-        False, usedefault=True, desc='project the restored image onto the acquired data'
+    consistency_projection = traits.Enum(
+        *PROJECTIONS_DEFAULT_FIRST,
+        usedefault=True,
+        desc='what follows the expert: off, adaptive (as far as the noise allows) or exact '
+        'projection onto the acquired data',
     )
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc='torch CPU threads')
     contrast = traits.Str(

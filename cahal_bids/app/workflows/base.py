@@ -14,6 +14,7 @@ from cahal_bids.app.config import RunConfig
 from cahal_bids.app.workflows.enhance import init_enhance_wf
 from cahal_bids.app.workflows.outputs import init_ds_enhanced_wf, init_ds_registration_wf
 from cahal_bids.app.workflows.registration import init_compose_wf, init_register_wf
+from cahal_bids.engine.consistency_guard import DEFAULT_PROJECTION
 
 __all__ = ['init_cahal_wf', 'init_single_subject_wf', 'subject_log_dir']
 
@@ -61,7 +62,7 @@ def init_single_subject_wf(
     sloppy: bool,
     omp_nthreads: int,
     seed: int,
-    consistency_projection: bool = False,
+    consistency_projection: str = DEFAULT_PROJECTION,
     template_brain: Mapping[str, str] | None = None,
     name: str | None = None,
 ) -> Workflow:

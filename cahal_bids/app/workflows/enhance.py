@@ -12,6 +12,7 @@ from cahal_bids import __version__
 from cahal_bids.app.boilerplate import package_version
 from cahal_bids.app.interfaces.enhancement import CahalEnhance, DenoiseImage
 from cahal_bids.app.interfaces.reports import ComparisonFigure
+from cahal_bids.engine.consistency_guard import DEFAULT_PROJECTION
 from cahal_bids.engine.zoo import MANIFEST_NAME
 
 __all__ = ['init_enhance_wf']
@@ -29,7 +30,7 @@ def init_enhance_wf(
     omp_nthreads: int,
     zoo_id: str = '',
     precision: str = 'auto',
-    consistency_projection: bool = False,
+    consistency_projection: str = DEFAULT_PROJECTION,
     seed: int = 0,
     name: str = 'enhance_wf',
 ) -> Workflow:
@@ -67,8 +68,9 @@ def init_enhance_wf(
         An optional label of the zoo (``cahal-bids`` passes its name, version and manifest
         hash), added to the cache key.
     consistency_projection
-        Project each restored image onto its acquired data
-        (:class:`~cahal_bids.engine.inference.Enhancer`'s ``consistency_projection``).
+        What follows the expert: ``'off'``, ``'adaptive'`` or ``'exact'`` projection onto
+        the acquired data (:class:`~cahal_bids.engine.inference.Enhancer`'s
+        ``consistency_projection``).
 
     Inputs
     ------
@@ -105,13 +107,16 @@ def init_enhance_wf(
         'deterministic mixture, chosen from the image header alone by voxel volume (7 bins) '
         'and anisotropy (3 bins). Images already at 1 mm or finer were kept as they were. '
         f'PyTorch {package_version("torch")} ran the experts. '
-        + (
-            'Each restored image was then projected onto its acquired data: the nearest '
-            'image, in the least-squares sense, that gives back the input when acquired '
-            'again with the box point-spread function of its voxels. '
-            if consistency_projection
-            else ''
-        )
+        + {
+            'exact': 'Each restored image was then projected onto its acquired data: the '
+            'nearest image, in the least-squares sense, that gives back the input when '
+            'acquired again with the box point-spread function of its voxels. ',
+            'adaptive': 'Each restored image was then moved towards consistency with its '
+            'acquired data (acquired again with the box point-spread function of its '
+            'voxels) only as far as the noise estimated in the input allowed: a Wiener '
+            'filter, local and then per singular band of the acquisition operator, of the '
+            'difference between the input and the restored image acquired again. ',
+        }.get(consistency_projection, '')
         + 'The consistency of each restored image with its acquired data was checked '
         'without ground truth: the image was acquired again with the box point-spread '
         'function of the input voxels and compared with the input (root mean squared '
