@@ -420,7 +420,7 @@ def test_sidecars_carry_provenance_and_routing(full_run):
     assert 'torch' in details['software']
     consistency = details['consistency']
     assert consistency['rmse_trilinear'] > 0 and consistency['rmse_cahal'] > 0
-    assert isinstance(consistency['warning'], bool) and consistency['projection'] == 'off'
+    assert isinstance(consistency['warning'], bool) and consistency['projection'] == 'adaptive'
     skipped = json.loads(
         (
             full_run['out'] / 'sub-02/ses-a/anat/sub-02_ses-a_acq-iso_desc-cahal_T1w.json'

@@ -42,6 +42,8 @@ def test_eval_writes_cases_and_tables(tmp_path, make_nifti, make_zoo, capsys):
             '--quiet',
             '--threads',
             '1',
+            '--cahal-projection',
+            'off',
         ]
     )
     assert code == 0, capsys.readouterr().err
@@ -399,7 +401,7 @@ def test_eval_routes_runs_every_route_on_every_contrast(tmp_path, make_nifti, ma
         [str(t1w), str(t2w), '--routes', f'T1w={identity}', f'T2w={noisy}',
          f'FLAIR={identity}', '--out', str(out),
          '--no-denoise', '--cells', 'V3A2', 'V6A1', '--realizations', '1', '--quiet',
-         '--no-flat-check', '--threads', '1']
+         '--no-flat-check', '--threads', '1', '--cahal-projection', 'off']
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert len(list((out / 'prepared').iterdir())) == 2, 'each image is prepared once'
@@ -441,7 +443,7 @@ def test_eval_routes_tabulates_the_projection_beside_the_expert(
     code = evaluate.main(
         [str(t1w), '--routes', f'T1w={make_zoo("noisy", head_scale=3.0)}', '--out', str(out),
          '--consistency-projection', '--no-denoise', '--cells', 'V6A1', '--realizations', '1',
-         '--quiet', '--no-flat-check', '--threads', '1']
+         '--quiet', '--no-flat-check', '--threads', '1', '--cahal-projection', 'off']
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     record = json.loads((out / 'split.json').read_text())

@@ -20,12 +20,14 @@ from cahal_bids.app.group import collect_group_rows, consistency_warnings, write
 from cahal_bids.app.reports import write_group_report, write_subject_report
 from cahal_bids.cli import enhance, evaluate, run
 from cahal_bids.cli.parser import build_parser
+from cahal_bids.core.errors import CahalError
 from cahal_bids.core.grid import axis_operator, native_grid, resample_to_native_grid
 from cahal_bids.core.resampling import apply_separable, box_weights
 from cahal_bids.core.routing import route
 from cahal_bids.engine.consistency_guard import (
     CONSISTENCY_MEASURE,
     CONSISTENCY_TOLERANCE,
+    DEFAULT_PROJECTION,
     consistency_guard,
     project_onto_acquired,
     routed_acquisition,
@@ -177,13 +179,15 @@ def test_the_guard_warns_when_an_expert_over_corrects(tmp_path, make_nifti, zoos
     good = Enhancer(zoos['identity'], device='cpu').enhance_file(source, tmp_path / 'good.nii')
     record = good.sidecar['consistency']
     assert record['warning'] is False and record['ratio'] == pytest.approx(1.0, abs=1e-5)
-    assert record['rmse_trilinear'] > 0.01 and record['projection'] == 'off'
+    assert record['rmse_trilinear'] > 0.01 and record['projection'] == DEFAULT_PROJECTION
     assert not caplog.records
     bad = Enhancer(zoos['over'], device='cpu').enhance_file(source, tmp_path / 'bad.nii')
     record = bad.sidecar['consistency']
     assert record['warning'] is True
     assert record['ratio'] > 1 + CONSISTENCY_TOLERANCE
-    assert record['rmse_cahal'] == record['rmse_expert'] > record['rmse_trilinear']
+    assert record['rmse_expert'] > record['rmse_trilinear']
+    # the default adaptive projection pulls the output back towards the (noise-free) data
+    assert record['rmse_cahal'] < record['rmse_expert']
     assert json.loads(bad.sidecar_path.read_text())['consistency'] == record
     assert any('agrees less with the acquired data' in w for w in bad.sidecar['warnings'])
     [logged] = caplog.records
@@ -209,7 +213,8 @@ def test_the_report_and_the_group_table_show_the_guard(tmp_path, make_nifti, zoo
     source = _phantom_image(make_nifti)
     out = tmp_path / 'out'
     for subject, zoo in (('01', zoos['identity']), ('02', zoos['over'])):
-        result = Enhancer(zoo, device='cpu').enhance_file(source, tmp_path / f'{subject}.nii')
+        enhancer = Enhancer(zoo, device='cpu', consistency_projection='off')
+        result = enhancer.enhance_file(source, tmp_path / f'{subject}.nii')
         _derivative(out, subject, result)
     good = write_subject_report(out, '01').read_text()
     bad = write_subject_report(out, '02').read_text()
@@ -261,7 +266,9 @@ def test_the_report_and_the_group_table_show_the_guard(tmp_path, make_nifti, zoo
 
 def test_the_projection_makes_the_output_consistent_on_the_same_grid(tmp_path, make_nifti, zoos):
     source = _phantom_image(make_nifti)
-    plain = Enhancer(zoos['over'], device='cpu').enhance_file(source, tmp_path / 'plain.nii')
+    plain = Enhancer(zoos['over'], device='cpu', consistency_projection='off').enhance_file(
+        source, tmp_path / 'plain.nii'
+    )
     projected = Enhancer(zoos['over'], device='cpu', consistency_projection=True).enhance_file(
         source, tmp_path / 'projected.nii'
     )
@@ -282,7 +289,11 @@ def test_the_projection_makes_the_output_consistent_on_the_same_grid(tmp_path, m
 
 
 def test_the_evaluation_compares_cahal_with_and_without_projection(make_zoo, monkeypatch):
-    enhancer = Enhancer(make_zoo('random', cells=['V4A1'], head_scale=0.5), device='cpu')
+    enhancer = Enhancer(
+        make_zoo('random', cells=['V4A1'], head_scale=0.5),
+        device='cpu',
+        consistency_projection='off',
+    )
     calls = []
     restore = enhancer.restore
     monkeypatch.setattr(enhancer, 'restore', lambda *a, **k: calls.append(1) or restore(*a, **k))
@@ -322,7 +333,7 @@ def test_cahal_enhance_records_the_projection(tmp_path, make_nifti, zoos, capsys
                             (['--consistency_projection'], 'exact'),
                             (['--consistency-projection', 'adaptive'], 'adaptive'),
                             (['--consistency-projection', 'off'], 'off'),
-                            ([], 'off')):  # fmt: skip
+                            ([], DEFAULT_PROJECTION)):  # fmt: skip
         out = tmp_path / f'{expected}{len(flags)}{flags[:1]}.nii.gz'
         argv = [str(source), str(out), '--zoo', str(zoos['identity'].path), '--quiet']
         assert enhance.main(argv + flags) == 0, capsys.readouterr().err
@@ -339,7 +350,10 @@ def test_cahal_bids_passes_the_projection_to_the_enhancement(tmp_path):
         assert parser.parse_args(['d', 'o', 'participant', flag]).consistency_projection == 'exact'
     adaptive = parser.parse_args(['d', 'o', 'participant', '--consistency-projection', 'adaptive'])
     assert adaptive.consistency_projection == 'adaptive'
-    assert parser.parse_args(['d', 'o', 'participant']).consistency_projection == 'off'
+    assert (
+        parser.parse_args(['d', 'o', 'participant']).consistency_projection == DEFAULT_PROJECTION
+    )
+    assert DEFAULT_PROJECTION == 'adaptive'
     with pytest.raises(SystemExit):
         parser.parse_args(['d', 'o', 'participant', '--consistency-projection', 'always'])
     config = RunConfig(
@@ -435,3 +449,41 @@ def test_the_guard_records_the_adaptive_projection(tmp_path, make_nifti, zoos):
     assert record['warning'] is True  # the guard still judges the expert's own output
     with pytest.raises(ValueError, match='consistency_projection'):
         Enhancer(zoos['over'], device='cpu', consistency_projection='always')
+
+
+def test_a_denoised_input_is_projected_onto_its_raw_acquisition(tmp_path, make_nifti, zoos):
+    """cahal-bids denoises first; the projection then aims at what was acquired."""
+    source = _phantom_image(make_nifti)
+    image = nib.load(source)
+    raw = np.asarray(image.dataobj, dtype=np.float32)
+    noisy = raw + np.random.default_rng(0).normal(0.0, 0.02 * raw.max(), raw.shape)
+    acquired = tmp_path / 'raw.nii'
+    nib.save(nib.Nifti1Image(noisy.astype(np.float32), image.affine), acquired)
+    enhancer = Enhancer(zoos['over'], device='cpu', consistency_projection='exact')
+    own = enhancer.enhance_file(source, tmp_path / 'own.nii')
+    aimed = enhancer.enhance_file(source, tmp_path / 'aimed.nii', acquired_path=acquired)
+    assert own.sidecar['consistency']['projection_target'] == 'input'
+    assert aimed.sidecar['consistency']['projection_target'] == 'acquired before denoising'
+    assert aimed.sidecar['acquired_input'] == str(acquired)
+    # the exact projection reproduces what it aimed at, not the (here: clean) input
+    assert own.sidecar['consistency']['rmse_cahal'] < 1e-5
+    assert aimed.sidecar['consistency']['rmse_cahal'] > 1e-3
+    elsewhere = tmp_path / 'elsewhere.nii'
+    nib.save(nib.Nifti1Image(noisy[:-1], image.affine), elsewhere)
+    with pytest.raises(CahalError, match='not on the grid'):
+        enhancer.enhance_file(source, tmp_path / 'bad.nii', acquired_path=elsewhere)
+
+
+def test_cahal_bids_aims_the_projection_at_the_image_before_denoising():
+    from cahal_bids.app.workflows.enhance import init_enhance_wf
+
+    def aimed(projection, denoise):
+        workflow = init_enhance_wf(
+            modality='T1w', denoise=denoise, device='cpu', zoo='/zoo', omp_nthreads=1,
+            consistency_projection=projection,
+        )  # fmt: skip
+        edges = workflow._graph.in_edges(workflow.get_node('enhance'), data=True)
+        return any(('in_file', 'acquired_file') in data['connect'] for _, _, data in edges)
+
+    assert aimed('adaptive', True) and aimed('exact', True)
+    assert not aimed('off', True) and not aimed('adaptive', False)

@@ -27,6 +27,8 @@ IMAGES = [
 EXPECTED_DIFFERENCES = {
     '/CAHAL/software/python': "the image's Python (the local stand-in base has Debian's 3.11.2)",
     '/CAHAL/zoo/path': "where the zoo is: the container's mount point, this machine's folder",
+    '/CAHAL/acquired_input': "where the raw input is: the container's mount point, this "
+    "machine's folder",
 }
 """Sidecar fields that may differ between the two runs, and why; nothing else may."""
 

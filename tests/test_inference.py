@@ -171,7 +171,8 @@ def test_a_thickest_last_zoo_restores_the_thick_axis_as_the_last_one(
     cpu = torch.device('cpu')
 
     def restore(zoo, source, name):
-        result = Enhancer(zoo, device=cpu, precision='fp32').enhance_file(source, tmp_path / name)
+        enhancer = Enhancer(zoo, device=cpu, precision='fp32', consistency_projection='off')
+        result = enhancer.enhance_file(source, tmp_path / name)
         return np.asarray(nib.load(result.output_path).dataobj), result.sidecar
 
     reference, _ = restore(plain, thick_last, 'reference.nii')
@@ -281,7 +282,8 @@ def test_degraded_high_resolution_lines_up_with_its_ground_truth(tmp_path, share
         low.numpy(), low_resolution_affine(truth.affine, resolution), tmp_path / 'lr.nii.gz'
     )
     zoo = Zoo.open(make_zoo('identity', head_scale=0.0))
-    result = Enhancer(zoo, device=torch.device('cpu')).enhance_file(source, tmp_path / 'sr.nii.gz')
+    enhancer = Enhancer(zoo, device=torch.device('cpu'), consistency_projection='off')
+    result = enhancer.enhance_file(source, tmp_path / 'sr.nii.gz')
     assert result.sidecar['cell'] == 'V5A1'
     out = nib.load(result.output_path)
     np.testing.assert_allclose(out.affine, truth.affine, atol=1e-3)
@@ -315,18 +317,18 @@ def test_bf16_stays_close_to_fp32(tmp_path, make_nifti, make_zoo):
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
-    from cahal_bids.engine import inference
+    from cahal_bids.engine import devices
 
     cpu = torch.device('cpu')
-    monkeypatch.setattr(inference, '_cpu_has_native_bf16', lambda: True)
-    assert inference.resolve_precision('auto', cpu) == 'bf16'
-    monkeypatch.setattr(inference, '_cpu_has_native_bf16', lambda: False)
-    assert inference.resolve_precision('auto', cpu) == 'fp32'
-    assert inference.resolve_precision('bf16', cpu) == 'bf16'
-    assert inference.resolve_precision('fp32', cpu) == 'fp32'
+    monkeypatch.setattr(devices, '_cpu_has_native_bf16', lambda: True)
+    assert devices.resolve_precision('auto', cpu) == 'bf16'
+    monkeypatch.setattr(devices, '_cpu_has_native_bf16', lambda: False)
+    assert devices.resolve_precision('auto', cpu) == 'fp32'
+    assert devices.resolve_precision('bf16', cpu) == 'bf16'
+    assert devices.resolve_precision('fp32', cpu) == 'fp32'
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (7, 0))
-    assert inference.resolve_precision('auto', torch.device('cuda')) == 'fp32'
+    assert devices.resolve_precision('auto', torch.device('cuda')) == 'fp32'
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (9, 0))
-    assert inference.resolve_precision('auto', torch.device('cuda')) == 'bf16'
+    assert devices.resolve_precision('auto', torch.device('cuda')) == 'bf16'
     with pytest.raises(ValueError, match='precision'):
-        inference.resolve_precision('fp16', cpu)
+        devices.resolve_precision('fp16', cpu)

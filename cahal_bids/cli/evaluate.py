@@ -136,13 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
         'expert run); the same as --projections exact',
     )
     parser.add_argument(
+        '--cahal-projection',
+        '--cahal_projection',
+        choices=PROJECTIONS,
+        default=DEFAULT_PROJECTION,
+        help="the projection of the method 'cahal' (default: %(default)s, as cahal-enhance)",
+    )
+    parser.add_argument(
         '--projections',
         nargs='+',
         choices=PROJECTIONS,
         default=[],
         metavar='MODE',
-        help="also evaluate these projection modes beside 'cahal' (which is cahal-enhance's "
-        f"default, {DEFAULT_PROJECTION}), from the same expert run: off ('"
+        help="also evaluate these projection modes beside 'cahal' (see --cahal-projection), "
+        "from the same expert run: off ('"
         f"{PROJECTION_METHODS['off']}'), adaptive ('{PROJECTION_METHODS['adaptive']}'), "
         f"exact ('{PROJECTION_METHODS['exact']}')",
     )
@@ -384,7 +391,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise CahalError('two --method options share a name')
         zoo = Zoo.open(args.zoo if args.zoo else default_zoo_path(args.modality))
         device = resolve_device(args.device)
-        enhancer = Enhancer(zoo, device=device)
+        enhancer = Enhancer(zoo, device=device, consistency_projection=args.cahal_projection)
         segmenter = None
         if args.segmenter is None and not args.no_segmenter:
             from cahal_bids.engine.segmenter import default_segmenter_path

@@ -55,6 +55,8 @@ __all__ = [
     'PROJECTIONS',
     'adaptive_projection',
     'consistency_guard',
+    'guard_routed',
+    'inconsistency_message',
     'projection_mode',
     'project_onto_acquired',
     'routed_acquisition',
@@ -79,8 +81,14 @@ PROJECTIONS = ('off', 'adaptive', 'exact')
 """The modes of what follows the expert (nothing, the noise-adaptive projection onto the
 acquired data, or the exact projection; see :func:`consistency_guard`)."""
 
-DEFAULT_PROJECTION = 'off'
-"""The projection the enhancer and the CLIs use unless told otherwise."""
+DEFAULT_PROJECTION = 'adaptive'
+"""The projection the enhancer and the CLIs use unless told otherwise.
+
+Adaptive, because on the validation split it adds to the expert in every cell of both
+T1w images, and because it holds off where the data cannot support it. With 2 % or 4 %
+noise it moves PSNR by -0.01 to +0.32 dB, against a wider slice profile by -0.08 to
++0.07 dB, and on denoised inputs, aimed at the raw acquisition as ``cahal-bids`` aims
+it, by +0.35 to +1.73 dB (docs/evaluation.md)."""
 
 ABSOLUTE_FLOOR = 1e-6
 """RMSE (in units of the intensity scale) below which the output counts as exactly
@@ -91,6 +99,21 @@ CONSISTENCY_MEASURE = (
     'of the robust intensity scale, inside the head'
 )
 """What ``rmse_cahal`` and ``rmse_trilinear`` measure, as the sidecar says it."""
+
+
+def inconsistency_message(record: dict[str, Any]) -> str | None:
+    """The log and sidecar warning for a guard ``record`` that fired, else None."""
+    if not record.get('warning'):
+        return None
+    ratio = 'n/a' if record['ratio'] is None else f'{record["ratio"]:.3g}'
+    projected = record['projection'] not in (False, 'off')
+    before = ', before its projection onto the acquired data,' if projected else ''
+    return (
+        f'the restored image{before} agrees less with the acquired data than trilinear '
+        f'interpolation (re-acquisition RMSE {record["rmse_expert"]:.4g} against '
+        f'{record["rmse_trilinear"]:.4g}, ratio {ratio}): the expert may have invented '
+        'detail; check the image'
+    )
 
 
 def projection_mode(value: str | bool) -> str:
@@ -146,6 +169,31 @@ def routed_acquisition(
     return low, grid
 
 
+def guard_routed(
+    restored: torch.Tensor,
+    trilinear: torch.Tensor,
+    low: torch.Tensor,
+    routing: tuple[Sequence[float], Sequence[int], Sequence[bool]],
+    head_level: float | None,
+    *,
+    projection: str = 'off',
+    raw: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """:func:`consistency_guard` for the enhancer's routed image.
+
+    ``low`` is the expert's input (normalised, RAS order) and ``raw`` (the same, or None)
+    the acquisition it was denoised from; ``routing`` holds the voxel sizes, 1 mm shape
+    and flipped axes of :func:`routed_acquisition`; the head mask is the acquired voxels
+    above ``head_level`` (None: every voxel).
+    """
+    acquired, grid = routed_acquisition(low, *routing)
+    target = None if raw is None else routed_acquisition(raw, *routing)[0]
+    inside = None if head_level is None else acquired > head_level
+    return consistency_guard(
+        restored, trilinear, acquired, grid, inside, projection=projection, target=target
+    )
+
+
 def _significant(value: float | None) -> float | None:
     return None if value is None else float(f'{value:.6g}')
 
@@ -184,6 +232,7 @@ def consistency_guard(
     inside: torch.Tensor | None,
     *,
     projection: str = 'off',
+    target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Measure (and with a ``projection``, enforce) the consistency of ``restored``.
 
@@ -199,8 +248,12 @@ def consistency_guard(
     the same without projection), ``rmse_trilinear``, ``ratio`` (``rmse_expert /
     rmse_trilinear``), ``warning``, ``tolerance``, ``projection`` (the mode),
     ``noise_sd`` and ``residual_kept`` (adaptive only: the noise level used and the
-    fraction of the residual's energy put back) and ``measure``. RMSEs are None when
-    the head mask is empty.
+    fraction of the residual's energy put back), ``projection_target`` and ``measure``.
+    RMSEs are None when the head mask is empty. ``target`` (same grid as ``acquired``;
+    None: ``acquired``) is what the projections aim at: the raw acquisition when
+    ``acquired``, the expert's input, was denoised. Its noise is the acquisition's own,
+    which the adaptive projection can estimate; a denoiser's leftover noise is correlated
+    and reads far too low. The RMSEs always compare with ``acquired``.
     """
     if projection not in PROJECTIONS:
         raise ValueError(f'projection must be one of {PROJECTIONS}, got {projection!r}')
@@ -208,14 +261,16 @@ def consistency_guard(
     def on(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         return acquired.to(device, dtype), None if inside is None else inside.to(device)
 
+    raw = target
     rmse_trilinear = grid.rmse(trilinear, *on(trilinear.device, trilinear.dtype))
     target, mask = on(restored.device, restored.dtype)
     rmse_expert = grid.rmse(restored, target, mask)
     noise_sd = kept = None
+    aim = target if raw is None else raw.to(restored.device, restored.dtype)
     if projection == 'exact':
-        output = grid.project(restored, target)
+        output = grid.project(restored, aim)
     elif projection == 'adaptive':
-        output, noise_sd, kept = adaptive_projection(restored, target, grid, mask)
+        output, noise_sd, kept = adaptive_projection(restored, aim, grid, mask)
     else:
         output = restored
     rmse_cahal = rmse_expert if output is restored else grid.rmse(output, target, mask)
@@ -237,6 +292,7 @@ def consistency_guard(
         'projection': projection,
         'noise_sd': _significant(noise_sd),
         'residual_kept': _significant(kept),
+        'projection_target': 'input' if raw is None else 'acquired before denoising',
         'measure': CONSISTENCY_MEASURE,
     }
     return output, record

@@ -37,7 +37,12 @@ from cahal_bids import __version__
 from cahal_bids.core.atomic import write_json_atomic
 from cahal_bids.core.errors import CahalError
 from cahal_bids.core.routing import Route, route
-from cahal_bids.engine.consistency_guard import DEFAULT_PROJECTION, projection_mode
+from cahal_bids.engine.consistency_guard import (
+    DEFAULT_PROJECTION,
+    inconsistency_message,
+    projection_mode,
+)
+from cahal_bids.engine.devices import PRECISIONS, resolve_device, resolve_precision
 
 if TYPE_CHECKING:
     import nibabel
@@ -49,8 +54,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ('auto', 'fp32', 'bf16')
-"""The expert arithmetic an :class:`Enhancer` accepts (see :func:`resolve_precision`)."""
 OUTPUT_COPIES = 6
 """Float32 volumes of the output grid alive at once outside the network (RAS copies,
 normalised input, upsampled input, output, reoriented output): the memory a restore
@@ -69,52 +72,6 @@ __all__ = [
     'sidecar_path_for',
     'write_json_atomic',
 ]
-
-
-def resolve_device(name: str = 'auto') -> torch.device:
-    """``'auto'`` picks CUDA when available, else the CPU; ``'cuda'`` without a GPU raises."""
-    import torch
-
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise CahalError('--device cuda was requested but no CUDA device is available')
-    if name not in {'cpu', 'cuda'} and not name.startswith('cuda:'):
-        raise CahalError(f'unknown device {name!r}; expected auto, cpu or cuda')
-    return torch.device(name)
-
-
-def _cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), Linux only."""
-    try:
-        with open('/proc/cpuinfo', encoding='ascii', errors='replace') as stream:
-            for line in stream:
-                if line.startswith('flags'):
-                    flags = set(line.split(':', 1)[1].split())
-                    return bool(flags & {'avx512_bf16', 'amx_bf16'})
-    except OSError:
-        pass
-    return False
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``'auto'`` is bf16 where the hardware computes it natively, else fp32.
-
-    bf16 changes the validation PSNR of the shipped T1w zoo by 0.006 dB on average and
-    0.02 dB at most (``benchmarks/bench_precision.py``) and halves the expert's time on
-    CPUs with AVX512-BF16/AMX; where bf16 would be emulated it is
-    slower than fp32, so those machines keep fp32.
-    """
-    import torch
-
-    if name not in PRECISIONS:
-        raise ValueError(f'precision must be one of {PRECISIONS}, got {name!r}')
-    if name != 'auto':
-        return name
-    if device.type == 'cuda':
-        major, _ = torch.cuda.get_device_capability(device)
-        return 'bf16' if major >= 8 else 'fp32'
-    return 'bf16' if device.type == 'cpu' and _cpu_has_native_bf16() else 'fp32'
 
 
 def sidecar_path_for(image_path: str | os.PathLike[str]) -> Path:
@@ -243,18 +200,11 @@ class Enhancer:
         (:func:`~cahal_bids.engine.zoo.serving_modalities`: a T1w zoo serves FLAIR
         images); any other contrast raises :class:`~cahal_bids.engine.zoo.ZooError`.
     consistency_projection
-        What follows the expert (one of
-        :data:`~cahal_bids.engine.consistency_guard.PROJECTIONS`; default
-        :data:`~cahal_bids.engine.consistency_guard.DEFAULT_PROJECTION`). ``'exact'``
-        projects the restored image onto the images that acquire exactly as the input
-        (box point-spread function, least-squares nearest;
-        :meth:`~cahal_bids.physics.consistency.AcquiredGrid.project`): re-acquiring the
-        output then reproduces the input, with its sub-millimetre axes area-averaged to
-        1 mm, to float32 rounding, noise included. ``'adaptive'`` moves it towards those
-        images only as far as the noise estimated in the input allows
-        (:meth:`~cahal_bids.physics.consistency.AcquiredGrid.project_adaptive`);
-        ``'off'`` keeps the expert's output. ``True`` and ``False`` mean ``'exact'``
-        and ``'off'``. The sidecar's ``consistency.projection`` records it.
+        What follows the expert: ``'off'``, ``'adaptive'`` or ``'exact'`` projection onto
+        the acquired data (``True``/``False``: exact/off; default
+        :data:`~cahal_bids.engine.consistency_guard.DEFAULT_PROJECTION`; see
+        :func:`~cahal_bids.engine.consistency_guard.consistency_guard`). The sidecar's
+        ``consistency.projection`` records it.
     """
 
     def __init__(
@@ -404,11 +354,15 @@ class Enhancer:
         decision: Route,
         *,
         projection: str | None = None,
+        acquired: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Restore one validated array; returns (1 mm data, its affine, run details).
 
         The details hold the consistency guard's record under ``consistency``.
-        ``projection`` overrides the enhancer's ``consistency_projection`` for this call.
+        ``projection`` overrides the enhancer's ``consistency_projection`` for this call;
+        ``acquired`` (same grid as ``data``) is the raw acquisition ``data`` was denoised
+        from, which the projection then aims at (see
+        :func:`~cahal_bids.engine.consistency_guard.consistency_guard`).
         """
         import torch
 
@@ -416,10 +370,14 @@ class Enhancer:
         from cahal_bids.core.grid import native_grid, resample_to_native_grid
         from cahal_bids.core.normalization import RobustScale, head_threshold
         from cahal_bids.core.orientation import Reorientation
-        from cahal_bids.engine.consistency_guard import consistency_guard, routed_acquisition
+        from cahal_bids.engine.consistency_guard import guard_routed
 
         if decision.cell is None:
             raise ValueError('restore() needs a routed (not skipped) image')
+        if acquired is not None and acquired.shape != data.shape:
+            raise ValueError(
+                f'acquired data of shape {acquired.shape} is not on the grid {data.shape}'
+            )
         choice = self.zoo.choose(decision.cell)
         grid = native_grid(data.shape, affine)
         self._check_output_fits(grid.shape)
@@ -459,16 +417,17 @@ class Enhancer:
                     0.0 if threshold is None else threshold,
                 )
             restored_ras = restored[0, 0].permute(inverse(order)).to('cpu', torch.float32)
-            acquired, acquired_grid = routed_acquisition(
-                low, ras_sizes, ras_out_shape, reorientation.flipped_in_ras
-            )
-            restored_ras, consistency = consistency_guard(
+            if acquired is not None:
+                raw = reorientation.to_ras(np.ascontiguousarray(acquired, dtype=np.float32))
+                acquired = torch.from_numpy(np.ascontiguousarray(scaler.normalize(raw)))
+            restored_ras, consistency = guard_routed(
                 restored_ras,
                 upsampled,
-                acquired,
-                acquired_grid,
-                None if head_level is None else acquired > head_level,
+                low,
+                (ras_sizes, ras_out_shape, reorientation.flipped_in_ras),
+                head_level,
                 projection=self.consistency_projection if projection is None else projection,
+                raw=acquired,
             )
             restored_ras = np.ascontiguousarray(restored_ras.numpy())
             tile_used = tuple(tile_used[axis] for axis in inverse(order))
@@ -515,7 +474,11 @@ class Enhancer:
         return self._enhance(loaded, source, started)
 
     def _enhance(
-        self, image: LoadedImage, source: dict[str, Any], started: float
+        self,
+        image: LoadedImage,
+        source: dict[str, Any],
+        started: float,
+        acquired: np.ndarray | None = None,
     ) -> EnhancedImage:
         """Route and restore a validated image; ``source`` opens the provenance."""
         from cahal_bids.core.nifti import nifti_image
@@ -539,7 +502,9 @@ class Enhancer:
             output, affine = image.data, image.affine
             provenance.update(expert=None, tile_size=None)
         else:
-            output, affine, details = self.restore(image.data, image.affine, decision)
+            output, affine, details = self.restore(
+                image.data, image.affine, decision, acquired=acquired
+            )
             provenance.update(details)
             self._warn_if_inconsistent(provenance)
         provenance['output_shape'] = list(output.shape)
@@ -552,31 +517,26 @@ class Enhancer:
     @staticmethod
     def _warn_if_inconsistent(provenance: dict[str, Any]) -> None:
         """Log (and list in ``warnings``) a restored image less consistent than trilinear."""
-        record = provenance.get('consistency') or {}
-        if not record.get('warning'):
-            return
-        name = provenance.get('input') or 'the in-memory image'
-        ratio = 'n/a' if record['ratio'] is None else f'{record["ratio"]:.3g}'
-        projected = record['projection'] not in (False, 'off')
-        before = ', before its projection onto the acquired data,' if projected else ''
-        message = (
-            f'the restored image{before} agrees less with the acquired data than trilinear '
-            f'interpolation (re-acquisition RMSE {record["rmse_expert"]:.4g} against '
-            f'{record["rmse_trilinear"]:.4g}, ratio {ratio}): the expert may have invented '
-            'detail; check the image'
-        )
-        provenance['warnings'].append(message)
-        logger.warning('%s: %s', name, message)
+        message = inconsistency_message(provenance.get('consistency') or {})
+        if message is not None:
+            provenance['warnings'].append(message)
+            logger.warning('%s: %s', provenance.get('input') or 'the in-memory image', message)
 
     def enhance_file(
-        self, input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]
+        self,
+        input_path: str | os.PathLike[str],
+        output_path: str | os.PathLike[str],
+        *,
+        acquired_path: str | os.PathLike[str] | None = None,
     ) -> EnhanceResult:
         """Enhance one NIfTI file and write the result and its JSON sidecar.
 
         The file is loaded and validated (:func:`~cahal_bids.core.nifti.load_image`),
         restored as :meth:`enhance` restores an image, then the image and the sidecar
         (the provenance, with ``input`` the file and ``input_sha256`` its bytes' sha256,
-        ``seconds`` including the write) are written atomically.
+        ``seconds`` including the write) are written atomically. ``acquired_path`` names
+        the raw acquisition a denoised input was made from (same grid), which the
+        projection then aims at (:meth:`restore`); the provenance records it.
         """
         from cahal_bids.core.hashing import file_sha256
         from cahal_bids.core.nifti import load_image, write_image
@@ -588,7 +548,14 @@ class Enhancer:
             raise CahalError(f'{target}: refusing to overwrite the input image')
         image = load_image(source)
         origin = {'input': str(source), 'input_sha256': file_sha256(source)}
-        enhanced = self._enhance(image, origin, started)
+        acquired = None
+        if acquired_path is not None:
+            raw = load_image(acquired_path)
+            if raw.shape != image.shape or not np.allclose(raw.affine, image.affine, atol=1e-4):
+                raise CahalError(f'{acquired_path}: not on the grid of {source}')
+            acquired = raw.data
+            origin['acquired_input'] = str(acquired_path)
+        enhanced = self._enhance(image, origin, started, acquired)
         target.parent.mkdir(parents=True, exist_ok=True)
         write_image(enhanced.image, target)
         sidecar = enhanced.provenance

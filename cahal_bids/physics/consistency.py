@@ -273,12 +273,15 @@ class AcquiredGrid:
         strength = singular[0][:, None, None] * singular[1][None, :, None]
         strength = strength * singular[2][None, None, :]
         if noise > 0.0:
-            gain = torch.empty(strength.numel(), dtype=torch.float64, device=device)
-            power = components.square().flatten()
-            for band in torch.tensor_split(torch.argsort(strength.flatten()), bands):
-                mean_power = float(power[band].mean()) if band.numel() else 0.0
-                gain[band] = max(0.0, 1.0 - noise / mean_power) if mean_power > 0 else 0.0
-            components = components * gain.reshape(strength.shape)
+            # bands by value (equal singular values share a band whatever the axis order)
+            values = strength.flatten()
+            edges = np.quantile(values.cpu().numpy(), np.linspace(0.0, 1.0, bands + 1)[1:-1])
+            band = torch.bucketize(values, torch.from_numpy(edges).to(device), right=True)
+            count = torch.bincount(band, minlength=bands).clamp_min(1)
+            power = torch.bincount(band, weights=components.square().flatten(), minlength=bands)
+            power = power / count
+            gain = (1.0 - noise / power.clamp_min(1e-300)).clamp_(0.0, 1.0)
+            components = components * gain[band].reshape(strength.shape)
         kept = float(components.square().sum()) / total
         correction = apply_separable(
             (components / strength).to(dtype), [None if f is None else f[2].T for f in factors]

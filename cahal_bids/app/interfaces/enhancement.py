@@ -77,6 +77,11 @@ class _CahalEnhanceInputSpec(BaseInterfaceInputSpec):
         desc='what follows the expert: off, adaptive (as far as the noise allows) or exact '
         'projection onto the acquired data',
     )
+    acquired_file = File(
+        exists=True,
+        desc='the raw acquisition in_file was denoised from (same grid): what a projection '
+        'aims at (default: in_file)',
+    )
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc='torch CPU threads')
     contrast = traits.Str(
         desc="the image's contrast (BIDS suffix), i.e. its route; default: the zoo's modality"
@@ -117,8 +122,11 @@ class CahalEnhance(SimpleInterface):
             contrast=self.inputs.contrast if isdefined(self.inputs.contrast) else None,
             consistency_projection=self.inputs.consistency_projection,
         )
+        acquired = self.inputs.acquired_file
         result = enhancer.enhance_file(
-            self.inputs.in_file, _output_name(self.inputs.in_file, 'cahal')
+            self.inputs.in_file,
+            _output_name(self.inputs.in_file, 'cahal'),
+            acquired_path=acquired if isdefined(acquired) else None,
         )
         self._results['out_file'] = str(result.output_path)
         self._results['out_report'] = str(result.sidecar_path)

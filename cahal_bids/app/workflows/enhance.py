@@ -112,10 +112,11 @@ def init_enhance_wf(
             'nearest image, in the least-squares sense, that gives back the input when '
             'acquired again with the box point-spread function of its voxels. ',
             'adaptive': 'Each restored image was then moved towards consistency with its '
-            'acquired data (acquired again with the box point-spread function of its '
-            'voxels) only as far as the noise estimated in the input allowed: a Wiener '
-            'filter, local and then per singular band of the acquisition operator, of the '
-            'difference between the input and the restored image acquired again. ',
+            'acquired data (before denoising; acquired again with the box point-spread '
+            'function of its voxels) only as far as the noise estimated in those data '
+            'allowed: a Wiener filter, local and then per singular band of the acquisition '
+            'operator, of the difference between the acquired data and the restored image '
+            'acquired again. ',
         }.get(consistency_projection, '')
         + 'The consistency of each restored image with its acquired data was checked '
         'without ground truth: the image was acquired again with the box point-spread '
@@ -166,6 +167,9 @@ def init_enhance_wf(
             (denoiser, figure, [('out_file', 'in_file')]),
             (denoiser, outputnode, [('out_file', 'denoised')]),
         ]
+        if consistency_projection != 'off':
+            # the projection aims at what was acquired, whose noise it can estimate
+            connections.append((inputnode, enhance, [('in_file', 'acquired_file')]))
     else:
         connections += [
             (inputnode, enhance, [('in_file', 'in_file')]),
