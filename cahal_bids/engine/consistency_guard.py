@@ -261,19 +261,18 @@ def consistency_guard(
     def on(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         return acquired.to(device, dtype), None if inside is None else inside.to(device)
 
-    raw = target
     rmse_trilinear = grid.rmse(trilinear, *on(trilinear.device, trilinear.dtype))
-    target, mask = on(restored.device, restored.dtype)
-    rmse_expert = grid.rmse(restored, target, mask)
+    observed, mask = on(restored.device, restored.dtype)
+    rmse_expert = grid.rmse(restored, observed, mask)
     noise_sd = kept = None
-    aim = target if raw is None else raw.to(restored.device, restored.dtype)
+    aim = observed if target is None else target.to(restored.device, restored.dtype)
     if projection == 'exact':
         output = grid.project(restored, aim)
     elif projection == 'adaptive':
         output, noise_sd, kept = adaptive_projection(restored, aim, grid, mask)
     else:
         output = restored
-    rmse_cahal = rmse_expert if output is restored else grid.rmse(output, target, mask)
+    rmse_cahal = rmse_expert if output is restored else grid.rmse(output, observed, mask)
     ratio = None
     warning = False
     if rmse_expert is not None and rmse_trilinear is not None:
@@ -292,7 +291,7 @@ def consistency_guard(
         'projection': projection,
         'noise_sd': _significant(noise_sd),
         'residual_kept': _significant(kept),
-        'projection_target': 'input' if raw is None else 'acquired before denoising',
+        'projection_target': 'input' if target is None else 'acquired before denoising',
         'measure': CONSISTENCY_MEASURE,
     }
     return output, record
