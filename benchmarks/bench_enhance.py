@@ -13,7 +13,8 @@ Peak memory is each subprocess's maximum resident set size. Prints a Markdown ta
 
 Usage::
 
-    python benchmarks/bench_enhance.py --filters 16 --threads 2 [--device cpu|cuda]
+    python benchmarks/bench_enhance.py --filters 16 --threads 2 [--device cpu|cuda] \
+        [--consistency-projection off|adaptive|exact]
 """
 
 from __future__ import annotations
@@ -91,6 +92,12 @@ def main(argv: list[str] | None = None) -> None:
         help="the expert's arithmetic (default auto, as cahal-enhance)",
     )
     parser.add_argument('--zoo', type=Path, help='a real zoo instead of random weights')
+    parser.add_argument(
+        '--consistency-projection',
+        choices=('off', 'adaptive', 'exact'),
+        default=None,
+        help="what follows the expert (default: cahal-enhance's own default)",
+    )
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -143,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
             args.precision,
             '--quiet',
         ]
+        if args.consistency_projection is not None:
+            enhance += ['--consistency-projection', args.consistency_projection]
         enhance_s, enhance_gib, _ = _run(enhance)
         sidecar = json.loads((work / 'out.json').read_text())
         synth = [sys.executable, '-c', SYNTHSR_SNIPPET, str(args.threads), args.device]
@@ -154,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f'output grid {sidecar["output_shape"]}, expert cell {sidecar["cell"]}, '
         f'tile {sidecar["tile_size"]}, device {sidecar["device"]}, threads {args.threads}, '
-        f'precision {sidecar["precision"]}'
+        f'precision {sidecar["precision"]}, '
+        f'projection {sidecar["consistency"]["projection"]}'
     )
     print()
     print('| run | seconds | peak RSS (GiB) |')
